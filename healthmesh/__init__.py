@@ -1,0 +1,49 @@
+"""healthmesh: a full-mesh node reachability prober; this module is the plugin-author API.
+
+Plugins (built-in and third-party alike) import only from here.
+"""
+
+from healthmesh.core.components import (
+    AgentContext,
+    ComponentSettings,
+    Output,
+    PeerSource,
+    Probe,
+    ProbeUnavailable,
+    Service,
+    SourceFeed,
+)
+from healthmesh.core.config import ConfigError, Duration, IPAddress, Name, Settings
+from healthmesh.core.hookspecs import hookimpl
+from healthmesh.core.model import Node, Path, PathState, ProbeResult, Role, Snapshot
+from healthmesh.core.state import rfc3339
+from healthmesh.core.units import format_duration, parse_duration
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AgentContext",
+    "ComponentSettings",
+    "ConfigError",
+    "Duration",
+    "IPAddress",
+    "Name",
+    "Node",
+    "Output",
+    "Path",
+    "PathState",
+    "PeerSource",
+    "Probe",
+    "ProbeResult",
+    "ProbeUnavailable",
+    "Role",
+    "Service",
+    "Settings",
+    "Snapshot",
+    "SourceFeed",
+    "__version__",
+    "format_duration",
+    "hookimpl",
+    "parse_duration",
+    "rfc3339",
+]

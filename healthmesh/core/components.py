@@ -1,0 +1,157 @@
+"""Base classes of what plugins register: probe kinds, peer sources, outputs and services."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+
+import anyio
+from anyio.abc import TaskStatus
+
+from healthmesh.core.config import Settings
+from healthmesh.core.model import Node, Path, ProbeResult, Snapshot
+
+if TYPE_CHECKING:
+    from healthmesh.core.config import Config
+
+
+class ComponentSettings(Settings):
+    """Settings every component section has: ``enabled``."""
+
+    enabled: bool = True
+
+
+class AgentContext(Protocol):
+    """What a component may ask of the agent that runs it."""
+
+    config: Config
+    local_node: Node
+    started_at: float  # wall clock
+    once: bool  # True under ``run --once``: one round, no long-running services
+
+    def snapshot(self) -> Snapshot:
+        """The current state of every node, as a snapshot."""
+        ...
+
+    async def probe_round(self) -> Snapshot:
+        """Probe every path now, wait for the results (bounded by the timeout), return them."""
+        ...
+
+    def plugins(self) -> list[dict[str, Any]]:
+        """The plugin listing, as ``healthmesh plugins --json`` prints it."""
+        ...
+
+
+class Component:
+    """Common shape: a name, a config section, a Settings class and a constructor."""
+
+    name: ClassVar[str]
+    section: ClassVar[str]
+    Settings: ClassVar[type[ComponentSettings]] = ComponentSettings
+    #: Used when the config has no section for this component.
+    default_enabled: ClassVar[bool] = False
+
+    def __init__(self, settings: Any, context: AgentContext) -> None:
+        self.settings = settings
+        self.context = context
+
+    @classmethod
+    def section_for(cls) -> str:
+        """The dotted config section of this component."""
+        return getattr(cls, "section", None) or f"{cls.category}.{cls.name}"
+
+    category: ClassVar[str] = ""
+
+
+class ProbeUnavailable(Exception):
+    """Raised by ``Probe.__aenter__`` when the kind cannot run here; the agent goes on without it.
+
+    The message should say why and how to fix it.
+    """
+
+
+class Probe(Component):
+    """A probe kind. One instance per agent; ``probe`` is called concurrently for many paths.
+
+    Use ``async with`` for what the kind owns (a socket, a client); raise ``ProbeUnavailable``
+    from ``__aenter__`` when it cannot work here.
+    """
+
+    category: ClassVar[str] = "probes"
+
+    async def __aenter__(self) -> Probe:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        return None
+
+    def supports(self, path: Path) -> bool:
+        """Whether this kind probes ``path`` (all paths by default)."""
+        return True
+
+    async def probe(self, path: Path, timeout: float) -> ProbeResult:
+        """Probe one path once and return the result; ``timeout`` is in seconds.
+
+        The scheduler also cancels the call shortly after ``timeout``; an exception is
+        turned into a failed result with the exception's text.
+        """
+        raise NotImplementedError
+
+
+class SourceFeed(Protocol):
+    """How a peer source hands its nodes to the agent."""
+
+    def replace(self, nodes: Iterable[Node]) -> None:
+        """This source's complete node set from now on (added, changed and removed at once)."""
+        ...
+
+    def mark_stale(self, reason: str) -> None:
+        """The source cannot refresh; its last nodes are kept and shown as stale."""
+        ...
+
+    def mark_fresh(self) -> None:
+        """The source is refreshing again."""
+        ...
+
+
+class PeerSource(Component):
+    """A source of peer nodes; ``run`` feeds node sets until cancelled."""
+
+    category: ClassVar[str] = "sources"
+
+    async def run(self, feed: SourceFeed, *, task_status: TaskStatus[None]) -> None:
+        """Publish the first node set, call ``task_status.started()``, then keep it current."""
+        raise NotImplementedError
+
+
+class Output(Component):
+    """A sink for results: a console view, a file, an API, metrics."""
+
+    category: ClassVar[str] = "outputs"
+    #: True when the output can be chosen with ``run -o NAME`` to render on stdout.
+    console: ClassVar[bool] = False
+
+    async def run(self, *, task_status: TaskStatus[None]) -> None:
+        """Long-running part (a server, a live view); call ``task_status.started()`` when ready."""
+        task_status.started()
+        await anyio.sleep_forever()
+
+    async def round_completed(self, snapshot: Snapshot) -> None:
+        """Called after each completed round with the fresh snapshot."""
+        return None
+
+    async def close(self, snapshot: Snapshot) -> None:
+        """Called once at shutdown, and after the single round of ``run --once``."""
+        return None
+
+
+class Service(Component):
+    """A long-running service the agent starts before probing (the 4240 responder)."""
+
+    category: ClassVar[str] = ""
+    #: Also run under ``run --once`` (the responder is: the local node probes itself).
+    run_once: ClassVar[bool] = True
+
+    async def run(self, *, task_status: TaskStatus[None]) -> None:
+        """Serve until cancelled; call ``task_status.started()`` once listening."""
+        raise NotImplementedError

@@ -1,0 +1,262 @@
+"""Load a TOML config and validate it into typed settings; plugins validate their own sections."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import socket
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path as FsPath
+from typing import Any
+
+import msgspec
+
+from healthmesh.core.units import format_duration, parse_duration
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+MAX_CONFIG_BYTES = 4 * 1024 * 1024
+NAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,251}[A-Za-z0-9])?$")
+
+
+class ConfigError(Exception):
+    """A config problem, already worded for the operator: ``file: key: problem``."""
+
+
+class Duration(float):
+    """Seconds, written in config as a duration string such as "30s" or "250ms"."""
+
+    def __repr__(self) -> str:
+        return f"Duration({format_duration(self)!r})"
+
+
+class IPAddress(str):
+    """An IPv4 or IPv6 address in canonical text form."""
+
+
+class Name(str):
+    """A node or cluster name: letters, digits, '.', '_' and '-', at most 253 characters."""
+
+
+def _dec_hook(typ: type, value: Any) -> Any:
+    if typ is Duration:
+        if not isinstance(value, str):
+            raise ValueError(f"expected a duration string such as \"30s\", got {value!r}")
+        seconds = parse_duration(value)
+        return Duration(seconds)
+    if typ is IPAddress:
+        if not isinstance(value, str):
+            raise ValueError(f"expected an IP address string, got {value!r}")
+        try:
+            return IPAddress(str(ipaddress.ip_address(value)))
+        except ValueError:
+            raise ValueError(f"{value!r} is not an IP address") from None
+    if typ is Name:
+        if not isinstance(value, str) or not NAME_RE.match(value):
+            raise ValueError(
+                f"{value!r} is not a valid name (letters, digits, '.', '_', '-'; at most 253)"
+            )
+        return Name(value)
+    raise NotImplementedError(typ)
+
+
+def _enc_hook(value: Any) -> Any:
+    if isinstance(value, Duration):
+        return format_duration(value)
+    if isinstance(value, str):
+        return str(value)
+    raise NotImplementedError(type(value))
+
+
+class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Base class of every config section: unknown keys are an error."""
+
+
+def convert(data: Any, typ: type, where: str) -> Any:
+    """Validate ``data`` into ``typ``; ValidationError text is reworded to name ``where``."""
+    try:
+        return msgspec.convert(data, typ, dec_hook=_dec_hook)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(_reword(str(exc), where)) from None
+
+
+def to_builtins(settings: Any) -> Any:
+    """Settings back to plain TOML-able values (durations as strings)."""
+    return msgspec.to_builtins(settings, enc_hook=_enc_hook)
+
+
+_AT = re.compile(r"^(.*) - at `\$(.*)`$", re.S)
+
+
+def _reword(message: str, where: str) -> str:
+    m = _AT.match(message)
+    if not m:
+        return f"{where}: {message}"
+    problem, sub = m.group(1), m.group(2)
+    key = where + sub if sub.startswith("[") else (f"{where}{sub}" if where else sub.lstrip("."))
+    unknown = re.match(r"Object contains unknown field `(.*)`", problem)
+    if unknown:
+        return f"{key}.{unknown.group(1)}: unknown key"
+    missing = re.match(r"Object missing required field `(.*)`", problem)
+    if missing:
+        return f"{key}.{missing.group(1)}: required key is missing"
+    return f"{key}: {problem[0].lower() + problem[1:]}" if problem else key
+
+
+# --- core sections --------------------------------------------------------------------
+
+
+class NodeSettings(Settings):
+    """``[node]``: who this agent is."""
+
+    name: Name = msgspec.field(default_factory=lambda: Name(socket.gethostname().split(".")[0]))
+    cluster: Name = Name("default")
+    addresses: list[IPAddress] = msgspec.field(default_factory=list)
+    health_addresses: list[IPAddress] = msgspec.field(default_factory=list)
+    labels: dict[str, str] = msgspec.field(default_factory=dict)
+
+
+class ProbingSettings(Settings):
+    """``[probing]``: how often, how long, and when a path counts as unreachable."""
+
+    interval: Duration = Duration(30.0)
+    timeout: Duration = Duration(1.0)
+    failure_threshold: int = 3
+    confirm_probes: int = 2
+    confirm_spacing: Duration = Duration(0.2)
+    jitter: float = 0.1
+    max_rate: float = 1000.0
+    window: int = 100
+    host: bool = True
+    endpoint: bool = True
+
+
+class LogSettings(Settings):
+    """``[log]``: loguru level for the agent's stderr log."""
+
+    level: str = "INFO"
+
+
+class PluginSettings(Settings):
+    """``[plugins]``: plugins to block by name."""
+
+    disable: list[str] = msgspec.field(default_factory=list)
+
+
+class CoreSettings(Settings):
+    """The sections the core itself owns."""
+
+    node: NodeSettings = msgspec.field(default_factory=NodeSettings)
+    probing: ProbingSettings = msgspec.field(default_factory=ProbingSettings)
+    log: LogSettings = msgspec.field(default_factory=LogSettings)
+    plugins: PluginSettings = msgspec.field(default_factory=PluginSettings)
+
+
+CORE_SECTIONS = ("node", "probing", "log", "plugins")
+CONTAINER_SECTIONS = ("probes", "sources", "outputs")
+LOG_LEVELS = ("TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL")
+
+
+@dataclass
+class RawConfig:
+    """A parsed TOML document, before plugin sections are validated."""
+
+    path: str
+    data: dict[str, Any]
+    core: CoreSettings
+
+    def section(self, dotted: str) -> Any:
+        """The raw table at ``dotted`` (e.g. ``"probes.icmp"``), or None when absent."""
+        node: Any = self.data
+        for part in dotted.split("."):
+            if not isinstance(node, dict) or part not in node:
+                return None
+            node = node[part]
+        return node
+
+    def error(self, message: str) -> ConfigError:
+        """A ConfigError prefixed with the file name."""
+        return ConfigError(f"{self.path}: {message}")
+
+
+@dataclass
+class Config:
+    """The validated config: core settings plus one settings object per enabled component."""
+
+    path: str
+    core: CoreSettings
+    components: dict[str, Any] = field(default_factory=dict)  # section -> settings
+    raw: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def node(self) -> NodeSettings:
+        return self.core.node
+
+    @property
+    def probing(self) -> ProbingSettings:
+        return self.core.probing
+
+
+def load_raw(path: str | os.PathLike[str]) -> RawConfig:
+    """Read and parse a TOML file and validate the core sections."""
+    name = str(path)
+    try:
+        fs = FsPath(path)
+        size = fs.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{name}: file is {size} bytes; the limit is {MAX_CONFIG_BYTES}")
+        text = fs.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{name}: no such file") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{name}: is a directory, not a config file") from None
+    except PermissionError:
+        raise ConfigError(f"{name}: permission denied") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{name}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    return parse_raw(text, name)
+
+
+def parse_raw(text: str, name: str = "<config>") -> RawConfig:
+    """Parse TOML text and validate the core sections."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{name}: invalid TOML: {exc}") from None
+    core_data = {k: data[k] for k in CORE_SECTIONS if k in data}
+    try:
+        core = convert(core_data, CoreSettings, "")
+    except ConfigError as exc:
+        raise ConfigError(f"{name}: {exc}") from None
+    raw = RawConfig(name, data, core)
+    _check_core(raw)
+    return raw
+
+
+def _check_core(raw: RawConfig) -> None:
+    p = raw.core.probing
+    n = raw.core.node
+    checks = [
+        (p.interval <= 0, "probing.interval: must be greater than zero"),
+        (p.timeout <= 0, "probing.timeout: must be greater than zero"),
+        (p.timeout > p.interval, "probing.timeout: must not exceed probing.interval"),
+        (p.failure_threshold < 1, "probing.failure_threshold: must be at least 1"),
+        (p.confirm_probes < 0, "probing.confirm_probes: must be zero or more"),
+        (not 0 <= p.jitter <= 0.5, "probing.jitter: must be between 0 and 0.5"),
+        (p.max_rate <= 0, "probing.max_rate: must be greater than zero"),
+        (not 2 <= p.window <= 100_000, "probing.window: must be between 2 and 100000"),
+        (not n.addresses, "node.addresses: at least one address of this node is required"),
+        (len(set(n.addresses)) != len(n.addresses), "node.addresses: duplicate address"),
+        (
+            raw.core.log.level.upper() not in LOG_LEVELS,
+            f"log.level: must be one of {', '.join(LOG_LEVELS)}",
+        ),
+    ]
+    for bad, message in checks:
+        if bad:
+            raise raw.error(message)

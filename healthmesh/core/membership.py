@@ -1,0 +1,113 @@
+"""Merge the node sets of all peer sources into one, and tell the scheduler what changed."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from loguru import logger
+
+from healthmesh.core.model import Node
+
+
+@dataclass
+class SourceStatus:
+    """Freshness of one peer source, shown in status."""
+
+    name: str
+    nodes: int = 0
+    stale: bool = False
+    reason: str | None = None
+    updated_at: float | None = None
+
+
+@dataclass
+class Feed:
+    """A peer source's handle into the membership (implements ``SourceFeed``)."""
+
+    membership: Membership
+    name: str
+
+    def replace(self, nodes: Iterable[Node]) -> None:
+        self.membership.replace(self.name, nodes)
+
+    def mark_stale(self, reason: str) -> None:
+        self.membership.mark_stale(self.name, reason)
+
+    def mark_fresh(self) -> None:
+        self.membership.mark_fresh(self.name)
+
+
+@dataclass
+class Membership:
+    """The merged node set: the local node first, then every source's nodes."""
+
+    local: Node
+    on_change: Callable[[], None] = lambda: None
+    _by_source: dict[str, dict[str, Node]] = field(default_factory=dict)
+    status: dict[str, SourceStatus] = field(default_factory=dict)
+    _merged: dict[str, Node] = field(default_factory=dict)
+    _origin: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._merged = {self.local.id: self.local}
+        self._origin = {self.local.id: "local"}
+
+    def feed(self, source: str) -> Feed:
+        """A feed for one source, in priority order of creation (earlier wins conflicts)."""
+        self._by_source.setdefault(source, {})
+        self.status.setdefault(source, SourceStatus(source))
+        return Feed(self, source)
+
+    def replace(self, source: str, nodes: Iterable[Node]) -> None:
+        """Replace one source's node set and recompute the merge."""
+        table: dict[str, Node] = {}
+        for node in nodes:
+            if node.id in table:
+                logger.warning("source {}: node {} listed twice; the first is used", source, node.id)
+                continue
+            table[node.id] = node
+        self._by_source[source] = table
+        st = self.status.setdefault(source, SourceStatus(source))
+        st.nodes, st.updated_at = len(table), time.time()
+        self._merge()
+
+    def mark_stale(self, source: str, reason: str) -> None:
+        st = self.status.setdefault(source, SourceStatus(source))
+        if not st.stale or st.reason != reason:
+            logger.warning("source {} is stale, keeping its {} nodes: {}", source, st.nodes, reason)
+        st.stale, st.reason = True, reason
+
+    def mark_fresh(self, source: str) -> None:
+        st = self.status.setdefault(source, SourceStatus(source))
+        if st.stale:
+            logger.info("source {} is fresh again", source)
+        st.stale, st.reason = False, None
+
+    def _merge(self) -> None:
+        merged: dict[str, Node] = {self.local.id: self.local}
+        origin: dict[str, str] = {self.local.id: "local"}
+        for source, table in self._by_source.items():
+            for node_id, node in table.items():
+                if node_id in merged:
+                    if origin[node_id] != source and self._origin.get(node_id) != origin[node_id]:
+                        logger.debug("node {} from {} shadowed by {}", node_id, source, origin[node_id])
+                    continue
+                merged[node_id] = node
+                origin[node_id] = source
+        changed = merged != self._merged or any(
+            merged[k].labels != self._merged[k].labels for k in merged if k in self._merged
+        )
+        self._merged, self._origin = merged, origin
+        if changed:
+            self.on_change()
+
+    def nodes(self) -> list[Node]:
+        """Every node, the local one first, the rest ordered by cluster and name."""
+        rest = sorted((n for k, n in self._merged.items() if k != self.local.id), key=lambda n: n.id)
+        return [self.local, *rest]
+
+    def origin(self, node_id: str) -> str | None:
+        """Which source a node came from ("local" for this node)."""
+        return self._origin.get(node_id)

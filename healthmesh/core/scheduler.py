@@ -1,0 +1,300 @@
+"""Paces probes evenly over the interval, bounds each by a timeout, and re-probes to confirm.
+
+Every (path, kind) pair is a slot. Each round walks the slots in an agent-specific order,
+starting one every ``interval / slots`` seconds (the first round as fast as ``max_rate``
+allows, so results exist seconds after start). A failure starts ``confirm_probes``
+re-probes ``confirm_spacing`` apart, so a dead path is settled in about a second instead
+of after ``failure_threshold`` whole intervals. Slots added mid-round are probed promptly
+(rate-capped); removed slots stop at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field, replace
+
+import anyio
+from anyio.abc import TaskGroup, TaskStatus
+from loguru import logger
+
+from healthmesh.core.components import Probe
+from healthmesh.core.config import ProbingSettings
+from healthmesh.core.model import Path, PathState, ProbeResult
+from healthmesh.core.state import StateStore
+from healthmesh.core.units import format_duration
+
+SlotKey = tuple[tuple[str, str, str], str]
+#: Extra time a probe gets past its timeout before the scheduler cancels it.
+GRACE = 0.1
+
+
+@dataclass(eq=False)
+class Slot:
+    """One path probed by one kind."""
+
+    path: Path
+    kind: str
+    order: int = 0
+    confirming: bool = False
+    removed: bool = False
+
+    @property
+    def key(self) -> SlotKey:
+        return (self.path.key, self.kind)
+
+
+@dataclass
+class RoundInfo:
+    """Accounting of one round: which slots it still waits for, and when it started."""
+
+    number: int
+    started: float  # monotonic
+    started_wall: float
+    pending: set[SlotKey] = field(default_factory=set)
+    launched_all: bool = False
+    finished: float | None = None
+
+    @property
+    def duration(self) -> float | None:
+        return None if self.finished is None else self.finished - self.started
+
+
+class Scheduler:
+    """Runs every slot's probes on schedule, isolated from each other."""
+
+    def __init__(
+        self,
+        probing: ProbingSettings,
+        probes: dict[str, Probe],
+        store: StateStore,
+        *,
+        seed: str = "",
+        on_round: Callable[[RoundInfo], Awaitable[None]] | None = None,
+    ) -> None:
+        self.probing = probing
+        self.probes = probes
+        self.store = store
+        self.seed = seed
+        self.on_round = on_round
+        self.slots: dict[SlotKey, Slot] = {}
+        self.rounds: list[RoundInfo] = []
+        self.completed_rounds = 0
+        self.last_round: RoundInfo | None = None
+        self._tg: TaskGroup | None = None
+        self._prompt: list[Slot] = []
+        self._prompt_event = anyio.Event()
+        self._inflight: dict[SlotKey, int] = {}
+        self._idle_waiters: list[tuple[set[SlotKey], anyio.Event]] = []
+
+    # -- membership ---------------------------------------------------------------------
+
+    def set_paths(self, paths: list[Path]) -> None:
+        """Make the slot set match ``paths`` × the kinds that support them."""
+        wanted: dict[SlotKey, Path] = {}
+        for path in paths:
+            for kind, probe in self.probes.items():
+                if probe.supports(path):
+                    wanted[(path.key, kind)] = path
+        for key in list(self.slots):
+            if key not in wanted:
+                slot = self.slots.pop(key)
+                slot.removed = True
+                self.store.retire(*key)
+                for rnd in self.rounds:
+                    rnd.pending.discard(key)
+        added: list[Slot] = []
+        for key, path in wanted.items():
+            slot = self.slots.get(key)
+            if slot is None:
+                slot = Slot(path, key[1], order=self._order(key))
+                self.slots[key] = slot
+                self.store.ensure(*key)
+                added.append(slot)
+            elif slot.path != path:  # primary flag changed
+                slot.path = path
+        if added and self._tg is not None:
+            self._prompt.extend(added)
+            self._prompt_event.set()
+        self._check_rounds()
+
+    def _order(self, key: SlotKey) -> int:
+        digest = hashlib.blake2b(repr((self.seed, key)).encode(), digest_size=8).digest()
+        return int.from_bytes(digest, "big")
+
+    # -- running ------------------------------------------------------------------------
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Probe forever: round after round, plus prompt probes of added slots."""
+        async with anyio.create_task_group() as tg:
+            self._tg = tg
+            self._prompt.clear()  # the first round covers every slot known now
+            tg.start_soon(self._prompt_loop)
+            task_status.started()
+            number = 0
+            interval = self.probing.interval
+            while True:
+                start = anyio.current_time()
+                order = sorted(self.slots.values(), key=lambda s: s.order)
+                rnd = RoundInfo(number, start, time.time(), {s.key for s in order})
+                self.rounds.append(rnd)
+                if order:
+                    spacing = interval / len(order)
+                    if number == 0:
+                        spacing = min(spacing, 1.0 / self.probing.max_rate)
+                    await self._walk(order, start, spacing, rnd)
+                rnd.launched_all = True
+                self._check_rounds()
+                number += 1
+                await _sleep_until(start + interval)
+
+    async def _walk(self, order: list[Slot], start: float, spacing: float, rnd: RoundInfo | None) -> None:
+        jitter = self.probing.jitter
+        for i, slot in enumerate(order):
+            due = start + (i + (random.uniform(-jitter, jitter) if i else 0.0)) * spacing
+            await _sleep_until(due)
+            if slot.removed:
+                continue
+            self._launch(slot, rnd)
+
+    async def _prompt_loop(self) -> None:
+        gap = 1.0 / self.probing.max_rate
+        while True:
+            await self._prompt_event.wait()
+            self._prompt_event = anyio.Event()
+            batch, self._prompt = self._prompt, []
+            batch.sort(key=lambda s: s.order)
+            await self._walk(batch, anyio.current_time(), gap, None)
+
+    def _launch(self, slot: Slot, rnd: RoundInfo | None, *, confirm: bool = False) -> None:
+        assert self._tg is not None
+        self._inflight[slot.key] = self._inflight.get(slot.key, 0) + 1
+        self._tg.start_soon(self._probe_task, slot, rnd, confirm)
+
+    async def _probe_task(self, slot: Slot, rnd: RoundInfo | None, confirm: bool) -> None:
+        try:
+            result = await self.probe_once(slot.path, slot.kind)
+            if slot.removed:
+                return
+            state = self.store.record(slot.path.key, slot.kind, result)
+            if (
+                not result.ok
+                and not confirm
+                and not slot.confirming
+                and state is not None
+                and state.state is not PathState.UNREACHABLE
+                and self.probing.confirm_probes > 0
+            ):
+                slot.confirming = True
+                self._inflight[slot.key] = self._inflight.get(slot.key, 0) + 1
+                assert self._tg is not None
+                self._tg.start_soon(self._confirm, slot)
+        finally:
+            self._done(slot.key)
+            if rnd is not None:
+                rnd.pending.discard(slot.key)
+                self._check_rounds()
+
+    async def _confirm(self, slot: Slot) -> None:
+        """Re-probe a failed slot a few times, ``confirm_spacing`` apart (they may overlap)."""
+        try:
+            async with anyio.create_task_group() as tg:
+                for _ in range(self.probing.confirm_probes):
+                    await anyio.sleep(self.probing.confirm_spacing)
+                    st = self.store.get(slot.path.key, slot.kind)
+                    if slot.removed or st is None or st.consecutive_failures == 0:
+                        break
+                    if st.state is PathState.UNREACHABLE:
+                        break
+                    tg.start_soon(self._confirm_one, slot)
+        finally:
+            slot.confirming = False
+            self._done(slot.key)
+
+    async def _confirm_one(self, slot: Slot) -> None:
+        result = await self.probe_once(slot.path, slot.kind)
+        if not slot.removed:
+            self.store.record(slot.path.key, slot.kind, result)
+
+    async def probe_once(self, path: Path, kind: str) -> ProbeResult:
+        """Run one probe under its timeout; an exception or overrun becomes a failed result."""
+        probe = self.probes[kind]
+        timeout = self.probing.timeout
+        started = time.time()
+        try:
+            with anyio.move_on_after(timeout + GRACE) as scope:
+                result = await probe.probe(path, timeout)
+            if scope.cancelled_caught:
+                result = ProbeResult.failure(f"timeout after {format_duration(timeout)}")
+            elif not isinstance(result, ProbeResult):
+                result = ProbeResult.failure(f"{kind} probe returned {type(result).__name__}")
+        except anyio.get_cancelled_exc_class():
+            raise
+        except Exception as exc:  # a plugin's bug is a failed probe, never a dead agent
+            logger.opt(exception=exc).debug("{} probe of {} raised", kind, path.address)
+            result = ProbeResult.failure(f"{kind} probe raised {type(exc).__name__}: {exc}")
+        return replace(result, started_at=started, finished_at=time.time())
+
+    def _done(self, key: SlotKey) -> None:
+        left = self._inflight.get(key, 1) - 1
+        if left <= 0:
+            self._inflight.pop(key, None)
+            for keys, event in self._idle_waiters:
+                keys.discard(key)
+                if not keys:
+                    event.set()
+        else:
+            self._inflight[key] = left
+
+    def _check_rounds(self) -> None:
+        while self.rounds and self.rounds[0].launched_all and not self.rounds[0].pending:
+            rnd = self.rounds.pop(0)
+            rnd.finished = anyio.current_time()
+            self.completed_rounds += 1
+            self.last_round = rnd
+            if self.on_round is not None and self._tg is not None:
+                self._tg.start_soon(self.on_round, rnd)
+
+    async def probe_all(self) -> None:
+        """Probe every slot now (rate-capped) and wait for the results and their confirmations.
+
+        Needs ``run`` to be running (it owns the task group).
+        """
+        order = sorted(self.slots.values(), key=lambda s: s.order)
+        if not order:
+            return
+        gap = 1.0 / self.probing.max_rate
+        p = self.probing
+        bound = len(order) * gap + p.timeout + GRACE
+        bound += p.confirm_probes * p.confirm_spacing + p.timeout + GRACE + 1.0
+        event = anyio.Event()
+        waiting = {s.key for s in order}
+        self._idle_waiters.append((waiting, event))
+        try:
+            with anyio.move_on_after(bound):
+                await self._walk(order, anyio.current_time(), gap, None)
+                # Slots still busy with earlier probes are counted as they finish.
+                waiting &= set(self._inflight)
+                if waiting:
+                    await event.wait()
+        finally:
+            self._idle_waiters.remove((waiting, event))
+
+    @property
+    def round_duration_bound(self) -> float:
+        """How long a steady round may take: interval + timeout (+ scheduler grace)."""
+        return self.probing.interval + self.probing.timeout + GRACE
+
+
+async def _sleep_until(deadline: float) -> None:
+    delay = deadline - anyio.current_time()
+    if delay > 0.0005:
+        await anyio.sleep(delay)
+
+
+def cilium_interval(ips: int) -> float:
+    """Cilium's stretched interval, 60 s × ln(1 + IPs), for comparison in docs and benches."""
+    return 60.0 * math.log1p(ips)

@@ -1,0 +1,196 @@
+"""Per-path, per-kind state machine and rolling statistics over a window of results."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from healthmesh.core.model import PathState, ProbeResult
+
+
+def rfc3339(ts: float | None) -> str | None:
+    """Seconds since the epoch as an RFC 3339 UTC timestamp (None stays None)."""
+    if ts is None or ts == 0:
+        return None
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds").replace(
+        "+00:00", "Z"
+    )
+
+
+@dataclass
+class KindState:
+    """State of one path for one probe kind.
+
+    ``failure_threshold`` consecutive failures make the path unreachable; one success makes
+    it reachable. Until either happens the state stays unknown.
+    """
+
+    failure_threshold: int
+    window: int
+    state: PathState = PathState.UNKNOWN
+    consecutive_failures: int = 0
+    last: ProbeResult | None = None
+    last_ok: ProbeResult | None = None
+    last_change: float | None = None
+    probes: int = 0
+    failures: int = 0
+    history: deque[tuple[bool, float | None]] = field(default_factory=deque)
+    detail_history: dict[str, deque[float]] = field(default_factory=dict)
+
+    def record(self, result: ProbeResult) -> bool:
+        """Fold one result in; return True when the state changed."""
+        self.last = result
+        self.probes += 1
+        self.history.append((result.ok, result.rtt))
+        if len(self.history) > self.window:
+            self.history.popleft()
+        for key, value in result.details.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                dq = self.detail_history.setdefault(key, deque(maxlen=self.window))
+                dq.append(float(value))
+        if result.ok:
+            self.last_ok = result
+            self.consecutive_failures = 0
+            new = PathState.REACHABLE
+        else:
+            self.failures += 1
+            self.consecutive_failures += 1
+            new = (
+                PathState.UNREACHABLE
+                if self.consecutive_failures >= self.failure_threshold
+                else self.state
+            )
+        if new is not self.state:
+            self.state = new
+            self.last_change = result.finished_at or time.time()
+            return True
+        return False
+
+    def stats(self) -> dict[str, Any]:
+        """Rolling statistics over the window: RTTs in ms, loss in percent."""
+        rtts = sorted(r for ok, r in self.history if ok and r is not None)
+        n = len(self.history)
+        lost = sum(1 for ok, _ in self.history if not ok)
+        out: dict[str, Any] = {
+            "min_ms": _ms(rtts[0]) if rtts else None,
+            "avg_ms": _ms(sum(rtts) / len(rtts)) if rtts else None,
+            "max_ms": _ms(rtts[-1]) if rtts else None,
+            "p50_ms": _ms(_quantile(rtts, 0.5)) if rtts else None,
+            "p95_ms": _ms(_quantile(rtts, 0.95)) if rtts else None,
+            "loss_pct": round(100.0 * lost / n, 2) if n else None,
+            "samples": n,
+            "consecutive_failures": self.consecutive_failures,
+            "last_change": rfc3339(self.last_change),
+        }
+        for key, values in self.detail_history.items():
+            if values:
+                out[f"{key}_avg"] = round(sum(values) / len(values), 3)
+        return out
+
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON form of DESIGN.md's per-kind probe entry."""
+        last = self.last
+        out: dict[str, Any] = {
+            "state": self.state.value,
+            "rtt_ms": _ms(last.rtt) if last is not None and last.ok and last.rtt is not None else None,
+            "error": last.error if last is not None and not last.ok else None,
+            "last_probed": rfc3339(last.started_at) if last is not None else None,
+        }
+        out.update(self.stats())
+        if last is not None:
+            for key, value in last.details.items():
+                out.setdefault(key, value)
+        return out
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000.0, 3)
+
+
+def _quantile(sorted_values: list[float], q: float) -> float:
+    if len(sorted_values) == 1:
+        return sorted_values[0]
+    pos = q * (len(sorted_values) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(sorted_values) - 1)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+
+
+def combine(states: Iterable[PathState]) -> PathState:
+    """Node (or path) state from its parts: reachable when every known part is reachable.
+
+    Any unreachable part makes the whole unreachable; all-unknown (or nothing) is unknown.
+    """
+    seen = list(states)
+    if any(s is PathState.UNREACHABLE for s in seen):
+        return PathState.UNREACHABLE
+    if seen and all(s is PathState.REACHABLE for s in seen):
+        return PathState.REACHABLE
+    return PathState.UNKNOWN
+
+
+RETIRED_MAX = 100_000
+RETIRED_TTL = 3600.0
+
+
+class StateStore:
+    """Every path's per-kind state; removed paths are retired, and restored when re-added."""
+
+    def __init__(self, failure_threshold: int, window: int) -> None:
+        self.failure_threshold = failure_threshold
+        self.window = window
+        self._states: dict[tuple[tuple[str, str, str], str], KindState] = {}
+        self._retired: dict[tuple[tuple[str, str, str], str], tuple[float, KindState]] = {}
+        self._cache: dict[tuple[tuple[str, str, str], str], dict[str, Any]] = {}
+
+    def ensure(self, key: tuple[str, str, str], kind: str) -> KindState:
+        """The state of ``key``/``kind``, created (or brought back from retirement) if needed."""
+        k = (key, kind)
+        st = self._states.get(k)
+        if st is None:
+            retired = self._retired.pop(k, None)
+            if retired is not None and time.monotonic() - retired[0] < RETIRED_TTL:
+                st = retired[1]
+            else:
+                st = KindState(self.failure_threshold, self.window, history=deque())
+            self._states[k] = st
+        return st
+
+    def retire(self, key: tuple[str, str, str], kind: str) -> None:
+        """Stop tracking ``key``/``kind`` but keep its history for a while."""
+        k = (key, kind)
+        st = self._states.pop(k, None)
+        self._cache.pop(k, None)
+        if st is None:
+            return
+        self._retired[k] = (time.monotonic(), st)
+        if len(self._retired) > RETIRED_MAX:
+            oldest = min(self._retired, key=lambda x: self._retired[x][0])
+            del self._retired[oldest]
+
+    def record(self, key: tuple[str, str, str], kind: str, result: ProbeResult) -> KindState | None:
+        """Fold a result into a tracked path; results for retired paths are dropped."""
+        st = self._states.get((key, kind))
+        if st is None:
+            return None
+        st.record(result)
+        self._cache.pop((key, kind), None)
+        return st
+
+    def get(self, key: tuple[str, str, str], kind: str) -> KindState | None:
+        return self._states.get((key, kind))
+
+    def view(self, key: tuple[str, str, str], kind: str) -> dict[str, Any] | None:
+        """The JSON form of one path/kind, cached until its next result."""
+        k = (key, kind)
+        cached = self._cache.get(k)
+        if cached is None:
+            st = self._states.get(k)
+            if st is None:
+                return None
+            cached = self._cache[k] = st.as_dict()
+        return cached

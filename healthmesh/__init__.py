@@ -13,9 +13,17 @@ from healthmesh.core.components import (
     Service,
     SourceFeed,
 )
-from healthmesh.core.config import ConfigError, Duration, IPAddress, Name, Settings
+from healthmesh.core.config import (
+    ConfigError,
+    Duration,
+    IPAddress,
+    Name,
+    Settings,
+    parse_nodes,
+)
 from healthmesh.core.hookspecs import hookimpl
 from healthmesh.core.model import Node, Path, PathState, ProbeResult, Role, Snapshot
+from healthmesh.core.render import header_line, summary_table
 from healthmesh.core.state import rfc3339
 from healthmesh.core.units import format_duration, parse_duration
 
@@ -43,7 +51,10 @@ __all__ = [
     "SourceFeed",
     "__version__",
     "format_duration",
+    "header_line",
     "hookimpl",
     "parse_duration",
+    "parse_nodes",
     "rfc3339",
+    "summary_table",
 ]

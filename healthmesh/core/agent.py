@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import signal
 import time
 from contextlib import AsyncExitStack
@@ -70,8 +71,12 @@ class Agent:
         for section, settings in self.config.components.items():
             reg = self.registry.components[section]
             cls = reg.cls
-            if issubclass(cls, Output) and (self.once or cls.console):
-                continue  # console outputs are chosen with -o; --once runs no other outputs
+            if issubclass(cls, Output) and (
+                self.once or (cls.console and getattr(settings, "path", "-") == "-")
+            ):
+                # Console outputs render on stdout only when chosen with -o; a configured
+                # one with a file path runs as well. --once runs no outputs but the console.
+                continue
             obj = cls(settings, self)
             if isinstance(obj, Probe):
                 self.probes[cls.name] = obj
@@ -94,6 +99,7 @@ class Agent:
 
                 settings = convert({}, reg.cls.Settings, section)
             self.console = reg.cls(settings, self)
+            self.console.to_console = True
             self.outputs.append(self.console)
 
     # -- AgentContext -------------------------------------------------------------------
@@ -104,7 +110,9 @@ class Agent:
         extra: dict[str, Any] = {
             "round": {
                 "completed": self.scheduler.completed_rounds,
-                "duration_s": None if rnd is None or rnd.duration is None else round(rnd.duration, 3),
+                "duration_s": None
+                if rnd is None or rnd.duration is None
+                else round(rnd.duration, 3),
             },
             "probe_kinds": sorted(self.probes),
         }
@@ -121,7 +129,10 @@ class Agent:
         """Probe every path now and return the fresh snapshot."""
         await self.scheduler.probe_all()
         return build_snapshot(
-            self.membership, self.store, sorted(self.probes), self.config.probing,
+            self.membership,
+            self.store,
+            sorted(self.probes),
+            self.config.probing,
             extra={"probe_kinds": sorted(self.probes)},
         )
 
@@ -132,7 +143,11 @@ class Agent:
 
     def _membership_changed(self) -> None:
         p = self.config.probing
-        paths = [path for node in self.membership.nodes() for path in node.paths(host=p.host, endpoint=p.endpoint)]
+        paths = [
+            path
+            for node in self.membership.nodes()
+            for path in node.paths(host=p.host, endpoint=p.endpoint)
+        ]
         self.scheduler.set_paths(paths)
 
     async def _round_completed(self, rnd: RoundInfo) -> None:
@@ -171,7 +186,7 @@ class Agent:
                     await tg.start(self._start_source, src, feed)
                 self.membership.on_change = self._membership_changed
                 self._membership_changed()
-                await tg.start(self.scheduler.run)
+                await tg.start(functools.partial(self.scheduler.run, rounds=not self.once))
                 if self.once:
                     snap = await self.probe_round()
                     self._round_snapshot = snap
@@ -221,7 +236,9 @@ class Agent:
         if not started:
             task_status.started()
 
-    async def _start_source(self, src: PeerSource, feed: Any, *, task_status: TaskStatus[None]) -> None:
+    async def _start_source(
+        self, src: PeerSource, feed: Any, *, task_status: TaskStatus[None]
+    ) -> None:
         async def run(*, task_status: TaskStatus[None]) -> None:
             await src.run(feed, task_status=task_status)
 

@@ -130,6 +130,8 @@ class Output(Component):
     category: ClassVar[str] = "outputs"
     #: True when the output can be chosen with ``run -o NAME`` to render on stdout.
     console: ClassVar[bool] = False
+    #: Set by the agent on the instance chosen with ``-o``: render to stdout.
+    to_console: bool = False
 
     async def run(self, *, task_status: TaskStatus[None]) -> None:
         """Long-running part (a server, a live view); call ``task_status.started()`` when ready."""

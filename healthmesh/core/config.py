@@ -24,7 +24,7 @@ MAX_CONFIG_BYTES = 4 * 1024 * 1024
 NAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,251}[A-Za-z0-9])?$")
 
 
-class ConfigError(Exception):
+class ConfigError(ValueError):
     """A config problem, already worded for the operator: ``file: key: problem``."""
 
 
@@ -46,7 +46,7 @@ class Name(str):
 def _dec_hook(typ: type, value: Any) -> Any:
     if typ is Duration:
         if not isinstance(value, str):
-            raise ValueError(f"expected a duration string such as \"30s\", got {value!r}")
+            raise ValueError(f'expected a duration string such as "30s", got {value!r}')
         seconds = parse_duration(value)
         return Duration(seconds)
     if typ is IPAddress:
@@ -260,3 +260,52 @@ def _check_core(raw: RawConfig) -> None:
     for bad, message in checks:
         if bad:
             raise raw.error(message)
+
+
+# --- node lists (static and file sources, and third-party sources) ----------------------
+
+
+class NodeSpec(Settings, kw_only=True):
+    """One peer as written in a config or node file."""
+
+    name: Name
+    cluster: Name = Name("default")
+    addresses: list[IPAddress]
+    health_addresses: list[IPAddress] = msgspec.field(default_factory=list)
+    labels: dict[str, str] = msgspec.field(default_factory=dict)
+
+
+def parse_nodes(data: Any, where: str) -> list[Any]:
+    """Validate a list of node tables into ``Node`` objects; errors name ``where[i].key``.
+
+    Duplicate names (within a cluster), nodes without addresses and duplicate addresses
+    within a node are errors.
+    """
+    from healthmesh.core.model import Node
+
+    specs = convert(data, list[NodeSpec], where)
+    seen: dict[tuple[str, str], int] = {}
+    nodes: list[Node] = []
+    for i, spec in enumerate(specs):
+        key = (spec.cluster, spec.name)
+        if key in seen:
+            raise ConfigError(
+                f"{where}[{i}].name: duplicate node name {spec.name!r} (also {where}[{seen[key]}])"
+            )
+        seen[key] = i
+        if not spec.addresses:
+            raise ConfigError(f"{where}[{i}].addresses: at least one address is required")
+        for field_name in ("addresses", "health_addresses"):
+            values = getattr(spec, field_name)
+            if len(set(values)) != len(values):
+                raise ConfigError(f"{where}[{i}].{field_name}: duplicate address")
+        nodes.append(
+            Node(
+                name=str(spec.name),
+                cluster=str(spec.cluster),
+                addresses=tuple(str(a) for a in spec.addresses),
+                health_addresses=tuple(str(a) for a in spec.health_addresses),
+                labels=dict(spec.labels),
+            )
+        )
+    return nodes

@@ -65,7 +65,9 @@ class Membership:
         table: dict[str, Node] = {}
         for node in nodes:
             if node.id in table:
-                logger.warning("source {}: node {} listed twice; the first is used", source, node.id)
+                logger.warning(
+                    "source {}: node {} listed twice; the first is used", source, node.id
+                )
                 continue
             table[node.id] = node
         self._by_source[source] = table
@@ -92,7 +94,9 @@ class Membership:
             for node_id, node in table.items():
                 if node_id in merged:
                     if origin[node_id] != source and self._origin.get(node_id) != origin[node_id]:
-                        logger.debug("node {} from {} shadowed by {}", node_id, source, origin[node_id])
+                        logger.debug(
+                            "node {} from {} shadowed by {}", node_id, source, origin[node_id]
+                        )
                     continue
                 merged[node_id] = node
                 origin[node_id] = source
@@ -105,7 +109,9 @@ class Membership:
 
     def nodes(self) -> list[Node]:
         """Every node, the local one first, the rest ordered by cluster and name."""
-        rest = sorted((n for k, n in self._merged.items() if k != self.local.id), key=lambda n: n.id)
+        rest = sorted(
+            (n for k, n in self._merged.items() if k != self.local.id), key=lambda n: n.id
+        )
         return [self.local, *rest]
 
     def origin(self, node_id: str) -> str | None:

@@ -115,7 +115,10 @@ class PluginRegistry:
                 info.error = f"{type(exc).__name__}: {exc}"
                 logger.warning(
                     "plugin {!r} ({} {}) failed to load and is skipped: {}",
-                    ep.name, dist, version, info.error,
+                    ep.name,
+                    dist,
+                    version,
+                    info.error,
                 )
                 continue
             self._register(ep.name, module)
@@ -140,9 +143,7 @@ class PluginRegistry:
         except ValueError as exc:
             raise PluginError(f"plugin {name!r}: {exc}") from None
         info = self.infos[name]
-        info.hooks = sorted(
-            hook.name for hook in self.pm.get_hookcallers(obj) or () if hook.name
-        )
+        info.hooks = sorted(hook.name for hook in self.pm.get_hookcallers(obj) or () if hook.name)
 
     def _collect(self) -> None:
         for hook_name, (label, base) in _CATEGORIES.items():
@@ -197,7 +198,9 @@ class PluginRegistry:
         return [i for i in self.infos.values() if i.status == "blocked"]
 
 
-def load_plugins(disabled: set[str] | None = None, extra: dict[str, ModuleType] | None = None) -> PluginRegistry:
+def load_plugins(
+    disabled: set[str] | None = None, extra: dict[str, ModuleType] | None = None
+) -> PluginRegistry:
     """A registry with every installed plugin loaded, minus the blocked ones."""
     blocked = disabled_from_env() | (disabled or set())
     return PluginRegistry().load(blocked, extra)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from healthmesh.core.components import PeerSource
@@ -37,7 +38,9 @@ def resolve(raw: RawConfig, registry: PluginRegistry, *, need_peers: bool = True
             try:
                 validate(settings, config)
             except ValueError as exc:
-                raise raw.error(f"{section}: {exc}") from None
+                text = str(exc)
+                sep = "." if re.match(r"^[A-Za-z_][A-Za-z0-9_]*[.\[:]", text) else ": "
+                raise raw.error(f"{section}{sep}{text}") from None
         if getattr(settings, "enabled", True):
             config.components[section] = settings
     if need_peers and not any(
@@ -70,7 +73,9 @@ def _unknown(registry: PluginRegistry, container: str, name: str) -> str:
     )
     for info in registry.blocked():
         if info.name == name:
-            return f"{container}.{name}: {label} {name!r} comes from plugin {name!r}, which is blocked"
+            return (
+                f"{container}.{name}: {label} {name!r} comes from plugin {name!r}, which is blocked"
+            )
     msg = f"{container}.{name}: unknown {label} {name!r} (known: {', '.join(known) or 'none'})"
     return msg + _why_missing(registry)
 

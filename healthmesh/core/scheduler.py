@@ -127,13 +127,20 @@ class Scheduler:
 
     # -- running ------------------------------------------------------------------------
 
-    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Probe forever: round after round, plus prompt probes of added slots."""
+    async def run(
+        self, *, rounds: bool = True, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Probe forever: round after round, plus prompt probes of added slots.
+
+        With ``rounds=False`` only ``probe_all`` probes (``run --once``).
+        """
         async with anyio.create_task_group() as tg:
             self._tg = tg
             self._prompt.clear()  # the first round covers every slot known now
             tg.start_soon(self._prompt_loop)
             task_status.started()
+            if not rounds:
+                await anyio.sleep_forever()
             number = 0
             interval = self.probing.interval
             while True:
@@ -151,7 +158,9 @@ class Scheduler:
                 number += 1
                 await _sleep_until(start + interval)
 
-    async def _walk(self, order: list[Slot], start: float, spacing: float, rnd: RoundInfo | None) -> None:
+    async def _walk(
+        self, order: list[Slot], start: float, spacing: float, rnd: RoundInfo | None
+    ) -> None:
         jitter = self.probing.jitter
         for i, slot in enumerate(order):
             due = start + (i + (random.uniform(-jitter, jitter) if i else 0.0)) * spacing

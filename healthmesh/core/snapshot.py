@@ -36,7 +36,12 @@ def build_snapshot(
                 probes[kind] = view
                 states.append(PathState(view["state"]))
             paths_out.append(
-                {"address": path.address, "role": path.role, "primary": path.primary, "probes": probes}
+                {
+                    "address": path.address,
+                    "role": path.role,
+                    "primary": path.primary,
+                    "probes": probes,
+                }
             )
         state = combine(states)
         counts[state.value] += 1

@@ -16,8 +16,10 @@ def rfc3339(ts: float | None) -> str | None:
     """Seconds since the epoch as an RFC 3339 UTC timestamp (None stays None)."""
     if ts is None or ts == 0:
         return None
-    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds").replace(
-        "+00:00", "Z"
+    return (
+        datetime.fromtimestamp(ts, timezone.utc)
+        .isoformat(timespec="milliseconds")
+        .replace("+00:00", "Z")
     )
 
 
@@ -96,14 +98,16 @@ class KindState:
         last = self.last
         out: dict[str, Any] = {
             "state": self.state.value,
-            "rtt_ms": _ms(last.rtt) if last is not None and last.ok and last.rtt is not None else None,
+            "rtt_ms": _ms(last.rtt)
+            if last is not None and last.ok and last.rtt is not None
+            else None,
             "error": last.error if last is not None and not last.ok else None,
             "last_probed": rfc3339(last.started_at) if last is not None else None,
         }
         out.update(self.stats())
         if last is not None:
             for key, value in last.details.items():
-                out.setdefault(key, value)
+                out.setdefault(key, round(value, 3) if isinstance(value, float) else value)
         return out
 
 

@@ -12,12 +12,12 @@ def parse_duration(text: str) -> float:
     """Parse a Go-style duration string into seconds; ValueError on anything else."""
     s = text.strip()
     if not s or len(s) > 64:
-        raise ValueError(f"invalid duration {text!r} (use e.g. \"30s\", \"250ms\", \"1m30s\")")
+        raise ValueError(f'invalid duration {text!r} (use e.g. "30s", "250ms", "1m30s")')
     pos, total = 0, 0.0
     while pos < len(s):
         m = _PART.match(s, pos)
         if not m:
-            raise ValueError(f"invalid duration {text!r} (use e.g. \"30s\", \"250ms\", \"1m30s\")")
+            raise ValueError(f'invalid duration {text!r} (use e.g. "30s", "250ms", "1m30s")')
         total += float(m.group(1)) * _UNITS[m.group(2)]
         pos = m.end()
     return total

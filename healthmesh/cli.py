@@ -181,7 +181,7 @@ def build_cli() -> click.Group:
         registry = load_plugins()
     except PluginError as exc:
         fail(str(exc))
-    registry.pm.hook.register_commands(cli=cli)
+    registry.add_commands(cli)
     return cli
 
 

@@ -63,11 +63,17 @@ def healthmesh_cmd() -> list[str]:
     return [sys.executable, "-m", "healthmesh"]
 
 
-def run_cli(*args: str, timeout: float = 60, env: dict[str, str] | None = None,
-            input: str | None = None) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str, timeout: float = 60, env: dict[str, str] | None = None, input: str | None = None
+) -> subprocess.CompletedProcess[str]:
     """Run ``healthmesh ARGS`` in a subprocess and capture its output."""
     full_env = {**os.environ, **(env or {})}
     return subprocess.run(
-        [*healthmesh_cmd(), *args], capture_output=True, text=True, timeout=timeout,
-        env=full_env, input=input, cwd=ROOT,
+        [*healthmesh_cmd(), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=full_env,
+        input=input,
+        cwd=ROOT,
     )

@@ -95,17 +95,20 @@ _AT = re.compile(r"^(.*) - at `\$(.*)`$", re.S)
 
 def _reword(message: str, where: str) -> str:
     m = _AT.match(message)
-    if not m:
-        return f"{where}: {message}"
-    problem, sub = m.group(1), m.group(2)
-    key = where + sub if sub.startswith("[") else (f"{where}{sub}" if where else sub.lstrip("."))
+    problem, sub = (m.group(1), m.group(2)) if m else (message, "")
+    if sub.startswith("["):
+        key = where + sub
+    else:
+        key = f"{where}{sub}" if where else sub.lstrip(".")
+    prefix = f"{key}." if key else ""
     unknown = re.match(r"Object contains unknown field `(.*)`", problem)
     if unknown:
-        return f"{key}.{unknown.group(1)}: unknown key"
+        return f"{prefix}{unknown.group(1)}: unknown key"
     missing = re.match(r"Object missing required field `(.*)`", problem)
     if missing:
-        return f"{key}.{missing.group(1)}: required key is missing"
-    return f"{key}: {problem[0].lower() + problem[1:]}" if problem else key
+        return f"{prefix}{missing.group(1)}: required key is missing"
+    problem = problem[0].lower() + problem[1:] if problem else problem
+    return f"{key}: {problem}" if key else problem
 
 
 # --- core sections --------------------------------------------------------------------

@@ -131,7 +131,8 @@ class PluginRegistry:
         try:
             self.pm.check_pending()
         except pluggy.PluginValidationError as exc:
-            raise PluginError(f"plugin {exc.plugin_name!r}: {exc}") from None
+            name = self.pm.get_name(exc.plugin) or repr(exc.plugin)
+            raise PluginError(f"plugin {name!r}: {exc}") from None
         self._collect()
         return self
 
@@ -178,6 +179,17 @@ class PluginRegistry:
             info = self.infos.get(plugin)
             if info is not None:
                 info.provides.setdefault(label, []).append(cls.name)
+
+    def add_commands(self, cli: Any) -> None:
+        """Let every plugin add its sub-commands; one that raises is reported and skipped."""
+        for impl in self.pm.hook.register_commands.get_hookimpls():
+            try:
+                impl.function(cli=cli)
+            except Exception as exc:
+                logger.warning(
+                    "plugin {!r} failed to add its commands: {}: {}",
+                    impl.plugin_name, type(exc).__name__, exc,
+                )
 
     # -- queries ------------------------------------------------------------------------
 

@@ -33,7 +33,8 @@ BROKEN = [
      "sources.static.nodes[0].addresses[0]"),
     ("duplicate node names", VALID.replace(
         'nodes = [{name = "n2", addresses = ["127.0.0.2"]}]',
-        'nodes = [{name = "n2", addresses = ["127.0.0.2"]}, {name = "n2", addresses = ["127.0.0.3"]}]'),
+        'nodes = [{name = "n2", addresses = ["127.0.0.2"]},'
+        ' {name = "n2", addresses = ["127.0.0.3"]}]'),
      "sources.static.nodes[1].name: duplicate node name 'n2'"),
     ("empty peer set", VALID.replace(
         'nodes = [{name = "n2", addresses = ["127.0.0.2"]}]', "nodes = []"),

@@ -181,7 +181,7 @@ class NotAProbe:
 
 
 def test_registering_something_that_is_not_a_probe_is_an_error() -> None:
-    with pytest.raises(PluginError, match="must be a subclass of healthmesh.Probe"):
+    with pytest.raises(PluginError, match=r"must be a subclass of healthmesh\.Probe"):
         PluginRegistry().load(extra={"notaprobe": NotAProbe()})
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import errno
+import os
 import time
 from typing import Any
 
@@ -38,7 +38,9 @@ class TcpProbe(Probe):
             return ProbeResult.failure(f"tcp connect to {target}: timeout after "
                                        f"{format_duration(timeout)}")
         except OSError as exc:
-            reason = exc.strerror or errno.errorcode.get(exc.errno or 0, str(exc))
+            # anyio wraps the per-address errors; the first cause says what happened.
+            cause = exc.__cause__ if isinstance(exc.__cause__, OSError) else exc
+            reason = os.strerror(cause.errno) if cause.errno else str(cause)
             return ProbeResult.failure(f"tcp connect to {target}: {reason}")
         rtt = time.perf_counter() - start
         await stream.aclose()

@@ -1,0 +1,93 @@
+"""Strict, bounded parsing of the HTTP/1.1 message heads the probe and the responder exchange.
+
+Both sides need only the first line and a few headers, so a small parser that rejects
+anything odd is cheaper and easier to bound than a general one (see docs/http.md).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+#: The status line: ``HTTP/1.1 200 OK``; the reason phrase may be empty or missing.
+_STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([1-5][0-9][0-9])(?: ([\t\x20-\x7e\x80-\xff]*))?")
+#: The request line: ``GET /hello HTTP/1.1`` (origin-form, absolute-form, ``*``).
+_REQUEST_LINE = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]{1,32}) ([\x21-\x7e]+) HTTP/1\.([01])")
+_TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_FIELD_VALUE = re.compile(rb"[\t\x20-\x7e\x80-\xff]*")
+
+
+class MalformedHead(ValueError):
+    """A message head that is not HTTP/1.x, or breaks a limit; ``status`` is the reply to send."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(slots=True)
+class RequestHead:
+    """What the responder needs from a request: the path, keep-alive and whether a body follows."""
+
+    method: bytes
+    path: bytes
+    minor: int
+    keep_alive: bool
+    has_body: bool
+
+
+def parse_status_line(line: bytes) -> tuple[int, str]:
+    """``(status, reason)`` of a response's first line; MalformedHead when it is not one."""
+    m = _STATUS_LINE.fullmatch(line)
+    if m is None:
+        raise MalformedHead(f"not an HTTP/1.x status line: {_show(line)}")
+    return int(m.group(2)), (m.group(3) or b"").decode("latin-1").strip()
+
+
+def parse_request_head(head: bytes, max_headers: int) -> RequestHead:
+    """Parse a request head (without its final blank line); MalformedHead on anything odd."""
+    lines = head.split(b"\r\n")
+    m = _REQUEST_LINE.fullmatch(lines[0])
+    if m is None:
+        raise MalformedHead(f"bad request line: {_show(lines[0])}")
+    method, target, minor = m.group(1), m.group(2), int(m.group(3))
+    if len(lines) - 1 > max_headers:
+        raise MalformedHead(f"more than {max_headers} header fields", 431)
+    keep_alive = minor == 1
+    has_body = False
+    for line in lines[1:]:
+        name, sep, value = line.partition(b":")
+        if not sep or not _TOKEN.fullmatch(name) or not _FIELD_VALUE.fullmatch(value):
+            raise MalformedHead(f"bad header field: {_show(line)}")
+        lname = name.lower()
+        if lname == b"connection":
+            tokens = {t.strip() for t in value.lower().split(b",")}
+            if b"close" in tokens:
+                keep_alive = False
+            elif b"keep-alive" in tokens:
+                keep_alive = True
+        elif lname == b"content-length":
+            v = value.strip()
+            if not v.isdigit():
+                raise MalformedHead(f"bad Content-Length: {_show(v)}")
+            has_body = has_body or int(v) > 0
+        elif lname == b"transfer-encoding":
+            has_body = True
+    return RequestHead(method, _path_of(target), minor, keep_alive, has_body)
+
+
+def _path_of(target: bytes) -> bytes:
+    """The path of a request target, without its query; absolute-form is reduced to its path."""
+    if target[:1] != b"/":
+        scheme, sep, rest = target.partition(b"://")
+        if sep and scheme.lower() in (b"http", b"https"):
+            slash = rest.find(b"/")
+            target = rest[slash:] if slash >= 0 else b"/"
+    end = target.find(b"?")
+    return target if end < 0 else target[:end]
+
+
+def _show(data: bytes, limit: int = 40) -> str:
+    """Bytes as a short printable literal for an error text."""
+    text = repr(data[:limit])
+    return text + ("..." if len(data) > limit else "")

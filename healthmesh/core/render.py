@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
@@ -77,9 +78,9 @@ def kinds_of(snap: dict[str, Any]) -> list[str]:
     return list(seen)
 
 
-def summary_table(snap: dict[str, Any]) -> Table:
-    """The cilium-health-style table with per-kind RTT columns."""
-    table = Table(title=header_line(snap), title_justify="left", box=None, pad_edge=False)
+def summary_table(snap: dict[str, Any]) -> Group:
+    """The header line and the cilium-health-style table, with per-kind RTT columns."""
+    table = Table(box=None, pad_edge=False)
     for col in ("Name", "IP", "Node", "Endpoints"):
         table.add_column(col)
     kinds = kinds_of(snap)
@@ -96,4 +97,4 @@ def summary_table(snap: dict[str, Any]) -> Table:
             *(kind_cell(node, k) for k in kinds),
             Text(node["state"], style=_STYLE[node["state"]]),
         )
-    return table
+    return Group(Text(header_line(snap)), table)

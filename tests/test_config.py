@@ -94,7 +94,7 @@ def test_valid_config_checks_ok_and_shows_defaults(tmp_path: Path) -> None:
     cfg.write_text(VALID)
     proc = run_cli("config", "check", "-c", str(cfg), "--show")
     assert proc.returncode == 0, proc.stderr
-    assert 'failure_threshold = 3' in proc.stdout
+    assert 'failure_threshold = 9' in proc.stdout
     assert 'interval = "2s"' in proc.stdout
 
 

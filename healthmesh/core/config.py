@@ -129,9 +129,11 @@ class ProbingSettings(Settings):
 
     interval: Duration = Duration(30.0)
     timeout: Duration = Duration(1.0)
-    failure_threshold: int = 3
-    confirm_probes: int = 2
-    confirm_spacing: Duration = Duration(0.2)
+    #: Consecutive failures that make a path unreachable; default 1 + confirm_probes.
+    failure_threshold: int | None = None
+    #: Re-probes sent after a failure, ``confirm_spacing`` apart (they may overlap).
+    confirm_probes: int = 8
+    confirm_spacing: Duration = Duration(0.025)
     jitter: float = 0.1
     max_rate: float = 1000.0
     window: int = 100
@@ -244,12 +246,15 @@ def parse_raw(text: str, name: str = "<config>") -> RawConfig:
 def _check_core(raw: RawConfig) -> None:
     p = raw.core.probing
     n = raw.core.node
+    if p.failure_threshold is None:
+        p.failure_threshold = p.confirm_probes + 1
     checks = [
         (p.interval <= 0, "probing.interval: must be greater than zero"),
         (p.timeout <= 0, "probing.timeout: must be greater than zero"),
         (p.timeout > p.interval, "probing.timeout: must not exceed probing.interval"),
         (p.failure_threshold < 1, "probing.failure_threshold: must be at least 1"),
-        (p.confirm_probes < 0, "probing.confirm_probes: must be zero or more"),
+        (not 0 <= p.confirm_probes <= 100, "probing.confirm_probes: must be between 0 and 100"),
+        (p.confirm_spacing < 0, "probing.confirm_spacing: must not be negative"),
         (not 0 <= p.jitter <= 0.5, "probing.jitter: must be between 0 and 0.5"),
         (p.max_rate <= 0, "probing.max_rate: must be greater than zero"),
         (not 2 <= p.window <= 100_000, "probing.window: must be between 2 and 100000"),

@@ -212,3 +212,15 @@ async def test_probe_all_waits_for_every_result_and_its_confirmations() -> None:
             states = {store.get(p.key, "tcp").state for p in paths}  # type: ignore[union-attr]
             tg.cancel_scope.cancel()
     assert states == {PathState.UNREACHABLE}
+
+
+async def test_nodes_with_a_longer_interval_are_probed_less_often(accept_log: AcceptLog) -> None:
+    tcp = TcpProbe(TcpSettings(port=accept_log.port), None)  # type: ignore[arg-type]
+    store = StateStore(9, 100)
+    sched = Scheduler(probing(interval=Duration(0.5)), {"tcp": tcp}, store, seed="me")
+    local = peers(2)
+    remote = Node("r1", cluster="c2", addresses=("127.0.3.1",), interval=1.5).paths()
+    await run_for(sched, 3.2, local + remote)
+    # About 7 rounds of 0.5 s: every one probes the local peers, one in three the remote one.
+    assert len(accept_log.times["127.0.1.1"]) >= 6
+    assert 2 <= len(accept_log.times["127.0.3.1"]) <= 3

@@ -27,6 +27,12 @@ class Node:
     addresses: tuple[str, ...] = ()
     health_addresses: tuple[str, ...] = ()
     labels: dict[str, str] = field(default_factory=dict, compare=False, hash=False)
+    #: Seconds between probes of this node's paths when it differs from ``[probing] interval``
+    #: (remote clusters); rounded to a whole number of intervals.
+    interval: float | None = None
+    #: Facts a source knows about the node (for example ``{"heartbeat": "alive"}``), shown
+    #: in the snapshot as the node's ``info``; they do not affect probing.
+    info: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     @property
     def id(self) -> str:
@@ -50,7 +56,7 @@ class Node:
 
 def _role_paths(node: Node, role: Role, addresses: tuple[str, ...]) -> list[Path]:
     return [
-        Path(node_id=node.id, address=addr, role=role, primary=(i == 0))
+        Path(node_id=node.id, address=addr, role=role, primary=(i == 0), interval=node.interval)
         for i, addr in enumerate(addresses)
     ]
 
@@ -63,6 +69,7 @@ class Path:
     address: str
     role: Role
     primary: bool
+    interval: float | None = None
 
     @property
     def key(self) -> tuple[str, str, str]:

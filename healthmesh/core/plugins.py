@@ -188,7 +188,9 @@ class PluginRegistry:
             except Exception as exc:
                 logger.warning(
                     "plugin {!r} failed to add its commands: {}: {}",
-                    impl.plugin_name, type(exc).__name__, exc,
+                    impl.plugin_name,
+                    type(exc).__name__,
+                    exc,
                 )
 
     # -- queries ------------------------------------------------------------------------

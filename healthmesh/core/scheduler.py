@@ -39,6 +39,7 @@ class Slot:
     path: Path
     kind: str
     order: int = 0
+    every: int = 1  # probed in one round out of ``every`` (nodes with a longer interval)
     confirming: bool = False
     removed: bool = False
 
@@ -114,8 +115,9 @@ class Scheduler:
                 self.slots[key] = slot
                 self.store.ensure(*key)
                 added.append(slot)
-            elif slot.path != path:  # primary flag changed
+            elif slot.path != path:  # primary flag or interval changed
                 slot.path = path
+            slot.every = max(1, round((path.interval or 0.0) / self.probing.interval))
         if added and self._tg is not None:
             self._prompt.extend(added)
             self._prompt_event.set()
@@ -145,7 +147,14 @@ class Scheduler:
             interval = self.probing.interval
             while True:
                 start = anyio.current_time()
-                order = sorted(self.slots.values(), key=lambda s: s.order)
+                order = sorted(
+                    (
+                        s
+                        for s in self.slots.values()
+                        if number == 0 or (number + s.order) % s.every == 0
+                    ),
+                    key=lambda s: s.order,
+                )
                 rnd = RoundInfo(number, start, time.time(), {s.key for s in order})
                 self.rounds.append(rnd)
                 if order:

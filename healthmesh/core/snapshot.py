@@ -53,6 +53,7 @@ def build_snapshot(
                 "local": node.id == local_id,
                 "source": membership.origin(node.id),
                 "labels": dict(node.labels),
+                "info": dict(node.info),
                 "paths": paths_out,
             }
         )

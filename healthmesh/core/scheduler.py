@@ -290,7 +290,8 @@ class Scheduler:
         bound += p.confirm_probes * p.confirm_spacing + p.timeout + GRACE + 1.0
         event = anyio.Event()
         waiting = {s.key for s in order}
-        self._idle_waiters.append((waiting, event))
+        waiter = (waiting, event)
+        self._idle_waiters.append(waiter)
         try:
             with anyio.move_on_after(bound):
                 await self._walk(order, anyio.current_time(), gap, None)
@@ -299,7 +300,7 @@ class Scheduler:
                 if waiting:
                     await event.wait()
         finally:
-            self._idle_waiters.remove((waiting, event))
+            self._idle_waiters = [w for w in self._idle_waiters if w is not waiter]
 
     @property
     def round_duration_bound(self) -> float:

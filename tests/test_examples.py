@@ -24,6 +24,9 @@ def documented_keys() -> dict[str, set[str]]:
         if m := SECTION.match(line):
             section = m.group(1)
             keys.setdefault(section, set())
+            parent, _, last = section.rpartition(".")
+            if line.startswith("[[") and parent:  # an array of tables is a key of its parent
+                keys.setdefault(parent, set()).add(last)
         elif (m := KEY.match(line)) and section:
             keys[section].add(m.group(1))
     return keys

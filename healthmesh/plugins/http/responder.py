@@ -1,16 +1,20 @@
 """The 4240 responder: ``/hello`` → 200 with an empty body, anything else → 404, as Cilium's.
 
-An asyncio protocol per connection and a bounded head parser (``wire``): cheap per
-request, and bounded in every dimension a client controls — head size, header count,
-time to send a head, idle time between requests, and the number of open connections
-(at the cap the oldest connection is dropped, so a flood of idle connections cannot lock
-probes out). Why this and not an ASGI server: docs/http.md and docs/benchmarks.md.
+Event-loop reader/writer callbacks on bare sockets (no transport, protocol or task per
+connection) and a bounded head parser (``wire``): cheap per request, and bounded in every
+dimension a client controls — head size, header count, time to send a head, idle time
+between requests, and the number of open connections (at the cap the oldest connection is
+dropped, so a flood of idle connections cannot lock probes out).
+Why this and not an ASGI server: docs/http.md and docs/benchmarks.md.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
+import itertools
 import resource
+import socket
 import time
 from email.utils import formatdate
 from typing import Any, ClassVar
@@ -26,6 +30,11 @@ from healthmesh.plugins.http.wire import MalformedHead, parse_request_head
 
 HELLO = b"/hello"
 DEFAULT_LISTEN = ("0.0.0.0:4240", "[::]:4240")
+#: Seconds a closing connection may go on sending input we discard (see ``_finish``).
+LINGER = 2.0
+ACCEPTS_PER_WAKEUP = 64
+_RECV_SIZE = 65536
+_OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 #: File descriptors kept free for everything else the process does (API socket, probes).
 FD_RESERVE = 256
 
@@ -95,18 +104,17 @@ class Responder(Service):
             raise
         loop = asyncio.get_running_loop()
         pool = self.pool = ConnectionPool(loop, s, cap)
-        servers: list[asyncio.Server] = []
+        listeners: list[Listener] = []
         try:
             for sock in socks:
-                server = await loop.create_server(pool.connection, sock=sock, backlog=s.backlog)
-                servers.append(server)
+                listeners.append(Listener(pool, sock))
             self.addresses = [format_listen(*sock.getsockname()[:2]) for sock in socks]
             logger.info("responder listening on {}", ", ".join(self.addresses))
             task_status.started()
             await pool.sweep_forever()
         finally:
-            for server in servers:
-                server.close()
+            for listener in listeners:
+                listener.close()
             for sock in socks:
                 sock.close()
             pool.close_all()
@@ -178,6 +186,50 @@ NOT_FOUND = b"404 page not found\n"
 _REASONS = {400: "Bad Request", 431: "Request Header Fields Too Large"}
 
 
+class Listener:
+    """Accepts on one listening socket and hands each connection to the pool."""
+
+    def __init__(self, pool: ConnectionPool, sock: socket.socket) -> None:
+        self.pool = pool
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.retry: asyncio.TimerHandle | None = None
+        pool.loop.add_reader(self.fd, self.on_readable)
+
+    def on_readable(self) -> None:
+        for _ in range(ACCEPTS_PER_WAKEUP):
+            try:
+                conn, _ = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in _OUT_OF_RESOURCES:
+                    self._out_of_resources(exc)
+                    return
+                continue  # the client gave up before we accepted (ECONNABORTED and the like)
+            self.pool.accept(conn)
+
+    def _out_of_resources(self, exc: OSError) -> None:
+        # Free the oldest connections and pause accepting briefly instead of spinning.
+        self.pool.shed(max(1, len(self.pool.open) // 16))
+        now = time.monotonic()
+        if now - self.pool.last_warning > 10:
+            self.pool.last_warning = now
+            logger.warning("responder: accept failed ({}); closed the oldest connections", exc)
+        self.pool.loop.remove_reader(self.fd)
+        self.retry = self.pool.loop.call_later(0.05, self._resume)
+
+    def _resume(self) -> None:
+        self.retry = None
+        self.pool.loop.add_reader(self.fd, self.on_readable)
+
+    def close(self) -> None:
+        if self.retry is not None:
+            self.retry.cancel()
+        else:
+            self.pool.loop.remove_reader(self.fd)
+
+
 class ConnectionPool:
     """Every open connection, oldest first: enforces the cap and the timeouts."""
 
@@ -191,20 +243,21 @@ class ConnectionPool:
         self.evicted = 0
         self.timed_out = 0
         self.rejected = 0
+        self.last_warning = 0.0
 
-    def connection(self) -> Connection:
-        """Protocol factory for ``create_server``."""
-        return Connection(self)
-
-    def add(self, conn: Connection) -> None:
-        while len(self.open) >= self.cap:
-            oldest = next(iter(self.open))
-            self.evicted += 1
-            oldest.abort()
+    def accept(self, sock: socket.socket) -> None:
+        if len(self.open) >= self.cap:
+            self.shed(len(self.open) - self.cap + 1)
+        sock.setblocking(False)
+        conn = Connection(self, sock)
         self.open[conn] = None
+        conn.on_readable()  # the request usually arrives with the handshake: answer it now
 
-    def discard(self, conn: Connection) -> None:
-        self.open.pop(conn, None)
+    def shed(self, count: int) -> None:
+        """Close the ``count`` oldest connections to make room."""
+        for conn in list(itertools.islice(self.open, count)):
+            self.evicted += 1
+            conn.close()
 
     async def sweep_forever(self) -> None:
         """Close connections past their deadline, a few times per (shortest) timeout."""
@@ -216,54 +269,63 @@ class ConnectionPool:
             late = [c for c in self.open if c.deadline < now]
             for conn in late:
                 self.timed_out += 1
-                conn.abort()
+                conn.close()
 
     def close_all(self) -> None:
         for conn in list(self.open):
-            conn.abort()
+            conn.close()
         self.open.clear()
 
 
-class Connection(asyncio.Protocol):
-    """One client connection: reads request heads, answers each, keeps alive when asked."""
+class Connection:
+    """One client connection: reads request heads, answers each, keeps alive when asked.
 
-    __slots__ = ("buf", "closing", "deadline", "pool", "transport")
+    Driven by reader/writer callbacks on the bare socket; the common probe (one request,
+    ``Connection: close``) is answered inside the accept callback without registering it.
+    """
 
-    def __init__(self, pool: ConnectionPool) -> None:
+    __slots__ = ("buf", "deadline", "draining", "fd", "out", "pool", "reading", "sock",
+                 "writing")
+
+    def __init__(self, pool: ConnectionPool, sock: socket.socket) -> None:
         self.pool = pool
-        self.transport: asyncio.Transport | None = None
+        self.sock: socket.socket | None = sock
+        self.fd = sock.fileno()
         self.buf = b""
-        self.closing = False
-        self.deadline = 0.0
+        self.out = b""  # response bytes the socket did not take yet
+        self.reading = self.writing = False
+        self.draining = False  # answered and shut down for writing; discarding input until EOF
+        self.deadline = pool.loop.time() + pool.settings.header_timeout
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        self.deadline = self.pool.loop.time() + self.pool.settings.header_timeout
-        self.pool.add(self)
+    # -- input ------------------------------------------------------------------------------
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.pool.discard(self)
-        self.transport = None
-
-    def pause_writing(self) -> None:
-        # A client that sends requests but does not read the answers: stop reading from it.
-        if self.transport is not None:
-            self.transport.pause_reading()
-
-    def resume_writing(self) -> None:
-        if self.transport is not None and not self.closing:
-            self.transport.resume_reading()
-
-    def data_received(self, data: bytes) -> None:
-        if self.closing:
+    def on_readable(self) -> None:
+        sock = self.sock
+        if sock is None:
             return
+        try:
+            data = sock.recv(_RECV_SIZE)
+        except (BlockingIOError, InterruptedError):
+            self._want_read(True)
+            return
+        except OSError:
+            self.close()
+            return
+        if not data:
+            self.close()
+            return
+        if self.draining:
+            return
+        self._received(data)
+        if self.sock is not None and not self.draining and not self.out:
+            self._want_read(True)
+
+    def _received(self, data: bytes) -> None:
         pool = self.pool
         s = pool.settings
         if not self.buf:
             self.deadline = pool.loop.time() + s.header_timeout
         buf = self.buf + data if self.buf else data
-        transport = self.transport
-        assert transport is not None
         while buf:
             if buf[:2] == b"\r\n":  # stray line ends before a request line are allowed
                 buf = buf.lstrip(b"\r\n")
@@ -283,40 +345,118 @@ class Connection(asyncio.Protocol):
             pool.requests += 1
             keep = head.keep_alive and not head.has_body
             if head.path == HELLO:
-                transport.write(REPLIES.hello(keep, head.minor))
+                self._send(REPLIES.hello(keep, head.minor))
             else:
-                transport.write(
+                self._send(
                     REPLIES.text(404, "Not Found", NOT_FOUND, keep_alive=keep, minor=head.minor,
                                  head_only=head.method == b"HEAD")
                 )
             if not keep:  # a request body is never read: answer, then close
-                self.closing = True
-                transport.close()
+                self._finish(unread=bool(buf) or head.has_body)
                 return
-            if buf:
-                self.deadline = pool.loop.time() + s.header_timeout
-            else:
-                self.deadline = pool.loop.time() + s.idle_timeout
+            if self.out:  # the client is not reading its answers: stop reading its requests
+                self._want_read(False)
+                self.buf = buf
+                return
+            self.deadline = pool.loop.time() + (s.header_timeout if buf else s.idle_timeout)
         self.buf = buf
-
-    def eof_received(self) -> bool:
-        return False  # close our side too
 
     def _reject(self, status: int, why: str) -> None:
         self.pool.rejected += 1
-        self.closing = True
-        self.buf = b""
         reason = _REASONS.get(status, "Bad Request")
         body = f"{status} {reason}: {why}\n".encode("ascii", "replace")
-        assert self.transport is not None
-        self.transport.write(
-            REPLIES.text(status, reason, body, keep_alive=False, minor=1, head_only=False)
-        )
-        self.transport.close()
+        self._send(REPLIES.text(status, reason, body, keep_alive=False, minor=1, head_only=False))
+        self._finish(unread=True)
 
-    def abort(self) -> None:
-        """Drop the connection at once (timeout, cap, shutdown)."""
-        self.pool.discard(self)
-        if self.transport is not None:
-            self.closing = True
-            self.transport.abort()
+    # -- output -----------------------------------------------------------------------------
+
+    def _send(self, data: bytes) -> None:
+        if self.out:
+            self.out += data
+            return
+        sock = self.sock
+        assert sock is not None
+        try:
+            sent = sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            self.close()
+            return
+        if sent < len(data):
+            self.out = data[sent:]
+            self._want_write(True)
+
+    def on_writable(self) -> None:
+        sock = self.sock
+        if sock is None:
+            return
+        try:
+            sent = sock.send(self.out)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self.close()
+            return
+        self.out = self.out[sent:]
+        if self.out:
+            return
+        self._want_write(False)
+        if self.draining:
+            self._linger()
+        else:
+            self._want_read(True)
+            if self.buf:  # pipelined requests waiting behind the slow reader
+                buf, self.buf = self.buf, b""
+                self._received(buf)
+
+    def _finish(self, *, unread: bool) -> None:
+        """The last answer is queued: close, gently when the client may still be sending."""
+        self.buf = b""
+        if not unread and not self.out:
+            self.close()
+            return
+        # Closing with unread input would reset the connection and could destroy the answer
+        # in flight; shut down our side and discard input until the client closes (bounded).
+        self.draining = True
+        self.deadline = self.pool.loop.time() + LINGER
+        if not self.out:
+            self._linger()
+
+    def _linger(self) -> None:
+        assert self.sock is not None
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self.close()
+            return
+        self._want_read(True)
+
+    # -- registration -----------------------------------------------------------------------
+
+    def _want_read(self, on: bool) -> None:
+        if on != self.reading and self.sock is not None:
+            if on:
+                self.pool.loop.add_reader(self.fd, self.on_readable)
+            else:
+                self.pool.loop.remove_reader(self.fd)
+            self.reading = on
+
+    def _want_write(self, on: bool) -> None:
+        if on != self.writing and self.sock is not None:
+            if on:
+                self.pool.loop.add_writer(self.fd, self.on_writable)
+            else:
+                self.pool.loop.remove_writer(self.fd)
+            self.writing = on
+
+    def close(self) -> None:
+        """Close the connection at once (done, timeout, cap, shutdown); idempotent."""
+        sock = self.sock
+        if sock is None:
+            return
+        self._want_read(False)
+        self._want_write(False)
+        self.sock = None
+        self.pool.open.pop(self, None)
+        sock.close()

@@ -24,7 +24,7 @@ from loguru import logger
 from healthmesh.core.components import Probe
 from healthmesh.core.config import ProbingSettings
 from healthmesh.core.model import Path, PathState, ProbeResult
-from healthmesh.core.state import StateStore
+from healthmesh.core.state import KindState, StateStore
 from healthmesh.core.units import format_duration
 
 SlotKey = tuple[tuple[str, str, str], str]
@@ -197,13 +197,14 @@ class Scheduler:
             result = await self.probe_once(slot.path, slot.kind)
             if slot.removed:
                 return
-            state = self.store.record(slot.path.key, slot.kind, result)
+            state = self._record(slot, result)
             if (
                 not result.ok
                 and not confirm
                 and not slot.confirming
                 and state is not None
                 and state.state is not PathState.UNREACHABLE
+                and state.consecutive_failures > 0
                 and self.probing.confirm_probes > 0
             ):
                 slot.confirming = True
@@ -217,25 +218,57 @@ class Scheduler:
                 self._check_rounds()
 
     async def _confirm(self, slot: Slot) -> None:
-        """Re-probe a failed slot a few times, ``confirm_spacing`` apart (they may overlap)."""
+        """Re-probe a failed slot, ``confirm_spacing`` apart, until one answers.
+
+        The re-probes overlap (each runs under its own timeout), so a dead path collects
+        ``failure_threshold`` failures about one timeout after its first failure, while a
+        lost packet is cleared by the first re-probe that gets through. Launching stops at
+        the first success or once the path is unreachable; the slot may start a new
+        confirmation as soon as this one has launched its last re-probe.
+        """
+        assert self._tg is not None
         try:
-            async with anyio.create_task_group() as tg:
-                for _ in range(self.probing.confirm_probes):
-                    await anyio.sleep(self.probing.confirm_spacing)
-                    st = self.store.get(slot.path.key, slot.kind)
-                    if slot.removed or st is None or st.consecutive_failures == 0:
-                        break
-                    if st.state is PathState.UNREACHABLE:
-                        break
-                    tg.start_soon(self._confirm_one, slot)
+            for _ in range(self.probing.confirm_probes):
+                await anyio.sleep(self.probing.confirm_spacing)
+                st = self.store.get(slot.path.key, slot.kind)
+                if slot.removed or st is None or st.consecutive_failures == 0:
+                    break
+                if st.state is PathState.UNREACHABLE:
+                    break
+                self._inflight[slot.key] = self._inflight.get(slot.key, 0) + 1
+                self._tg.start_soon(self._confirm_one, slot)
         finally:
             slot.confirming = False
             self._done(slot.key)
 
     async def _confirm_one(self, slot: Slot) -> None:
-        result = await self.probe_once(slot.path, slot.kind)
-        if not slot.removed:
-            self.store.record(slot.path.key, slot.kind, result)
+        try:
+            result = await self.probe_once(slot.path, slot.kind)
+            if not slot.removed:
+                self._record(slot, result)
+        finally:
+            self._done(slot.key)
+
+    def _record(self, slot: Slot, result: ProbeResult) -> KindState | None:
+        """Fold a result into the slot's state; log every change of reachability."""
+        before = self.store.get(slot.path.key, slot.kind)
+        old = None if before is None else before.state
+        st = self.store.record(slot.path.key, slot.kind, result)
+        if st is not None and old is not None and st.state is not old:
+            p = slot.path
+            level = "DEBUG" if old is PathState.UNKNOWN and result.ok else "INFO"
+            logger.log(
+                level,
+                "path {} {} {} {}: {} -> {}{}",
+                p.node_id,
+                p.role,
+                p.address,
+                slot.kind,
+                old.value,
+                st.state.value,
+                "" if result.ok else f": {result.error}",
+            )
+        return st
 
     async def probe_once(self, path: Path, kind: str) -> ProbeResult:
         """Run one probe under its timeout; an exception or overrun becomes a failed result."""

@@ -44,8 +44,19 @@ class KindState:
     detail_history: dict[str, deque[float]] = field(default_factory=dict)
 
     def record(self, result: ProbeResult) -> bool:
-        """Fold one result in; return True when the state changed."""
-        self.last = result
+        """Fold one result in; return True when the state changed.
+
+        A failure of a probe that was sent before the latest success (an overlapping
+        confirmation re-probe that timed out late) is old news: it counts as loss in the
+        statistics but not toward ``failure_threshold``, which counts consecutive failures.
+        """
+        stale = (
+            not result.ok
+            and self.last_ok is not None
+            and 0 < result.started_at < self.last_ok.started_at
+        )
+        if not stale:
+            self.last = result
         self.probes += 1
         self.history.append((result.ok, result.rtt))
         if len(self.history) > self.window:
@@ -58,6 +69,9 @@ class KindState:
             self.last_ok = result
             self.consecutive_failures = 0
             new = PathState.REACHABLE
+        elif stale:
+            self.failures += 1
+            new = self.state
         else:
             self.failures += 1
             self.consecutive_failures += 1

@@ -118,10 +118,10 @@ class Child:
             self.proc.wait()
 
 
-def healthmesh_responder(port: int) -> Child:
+def healthmesh_responder(port: int, loop: str) -> Child:
     return Child(
         [sys.executable, "-m", "healthmesh", "responder", "-l", f"0.0.0.0:{port}",
-         "--log-level", "WARNING"],
+         "--loop", loop, "--log-level", "WARNING"],
         port,
     )
 
@@ -298,6 +298,79 @@ async def asyncio_protocol(address: str, port: int) -> tuple[bool, float | None,
             transport.close()
 
 
+async def chained(
+    name: str, fn: ProbeFn, addresses: list[str], port: int, interval: float, child: Child,
+    tick: float = 0.05, step: float = 0.002,
+) -> Row:
+    """Pacing as a scheduler could do it: every ``tick``, the probes due run as a chain.
+
+    Each probe of a chain starts when the one before it answers, or ``step`` seconds after
+    it started, whichever is first, so a dead peer never holds the chain up. The processes
+    wake once per tick instead of twice per probe, and probes do not queue behind each other.
+    """
+    rtts: list[float] = []
+    errors: list[str] = []
+    spacing = interval / len(addresses)
+
+    async def one(address: str, done: anyio.Event) -> None:
+        try:
+            ok, rtt, error = await fn(address, port)
+        finally:
+            done.set()
+        if ok and rtt is not None:
+            rtts.append(rtt)
+        else:
+            errors.append(f"{address}: {error}")
+
+    cpu0, rcpu0 = time.process_time(), child.cpu()
+    start = anyio.current_time()
+    i = 0
+    async with anyio.create_task_group() as tg:
+        while i < len(addresses):
+            now = anyio.current_time()
+            while i < len(addresses) and start + i * spacing <= now + tick / 2:
+                done = anyio.Event()
+                tg.start_soon(one, addresses[i], done)
+                i += 1
+                with anyio.move_on_after(step):
+                    await done.wait()
+            await anyio.sleep(max(0.0, start + i * spacing - tick / 2 - anyio.current_time()))
+    wall = anyio.current_time() - start
+    cpu, rcpu = time.process_time() - cpu0, child.cpu() - rcpu0
+    row = summarise(name, "chained", len(addresses), rtts, errors, wall, cpu, rcpu)
+    row.notes = f"chains every {tick * 1000:g} ms, next link after the answer or {step * 1000:g} ms"
+    return row
+
+
+def blocking_client(addresses: list[str], port: int, interval: float) -> Row:
+    """Control: a plain blocking-socket client paced the same (what pacing alone costs)."""
+    import socket
+
+    spacing = interval / len(addresses)
+    rtts: list[float] = []
+    errors: list[str] = []
+    start = time.monotonic()
+    cpu0 = time.process_time()
+    for i, address in enumerate(addresses):
+        delay = start + i * spacing - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        t0 = time.perf_counter()
+        try:
+            with socket.create_connection((address, port), timeout=1.0) as s:
+                s.sendall(b"GET /hello HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                if not s.recv(4096).startswith(b"HTTP/1.1 200 "):
+                    errors.append(address)
+                    continue
+            rtts.append(time.perf_counter() - t0)
+        except OSError as exc:
+            errors.append(f"{address}: {exc}")
+    row = summarise("blocking socket client (control)", "blocking", len(addresses), rtts, errors,
+                    time.monotonic() - start, time.process_time() - cpu0, None)
+    row.notes = "same spacing; shows the RTT cost of idle wake-ups on this machine"
+    return row
+
+
 # -- through the agent's scheduler ----------------------------------------------------------
 
 
@@ -373,6 +446,8 @@ def main() -> int:
     ap.add_argument("--alt-interval", type=float, default=10.0)
     ap.add_argument("--ab-requests", type=int, default=2000)
     ap.add_argument("--port", type=int, default=14240)
+    ap.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio",
+                    help="event loop of the prober and of the responder process")
     ap.add_argument("--skip-alternatives", action="store_true")
     ap.add_argument("--skip-scheduler", action="store_true")
     ap.add_argument("--json", metavar="FILE", help="write the results as JSON")
@@ -381,19 +456,27 @@ def main() -> int:
         ap.error("--peers must be between 1 and 62500")
 
     rows: list[Row] = []
-    child = healthmesh_responder(args.port)
+    opts = {"use_uvloop": args.loop == "uvloop"}
+
+    def go(fn: Callable[..., Awaitable[Row]], *fargs: Any) -> Row:
+        return anyio.run(fn, *fargs, backend="asyncio", backend_options=opts)
+
+    child = healthmesh_responder(args.port, args.loop)
     try:
         rss0 = child.rss_mb()
         rows.append(run_ab(child, args.ab_requests, "ab → healthmesh responder"))
-        rows.append(anyio.run(
+        rows.append(go(
             paced, "healthmesh probe (alone)", "http_get, paced", healthmesh_probe,
-            peers(args.peers), args.port, args.interval, child, backend="asyncio",
+            peers(args.peers), args.port, args.interval, child,
         ))
+        rows.append(go(
+            chained, "healthmesh probe (chained per tick)", healthmesh_probe,
+            peers(args.peers), args.port, args.interval, child))
+        n = min(args.peers, 2000)
+        rows.append(blocking_client(peers(n), args.port, args.interval * n / args.peers))
         if not args.skip_scheduler:
-            rows.append(anyio.run(
-                scheduler_round, peers(args.peers), args.port, args.interval, child,
-                backend="asyncio",
-            ))
+            rows.append(go(
+                    scheduler_round, peers(args.peers), args.port, args.interval, child))
         if not args.skip_alternatives:
             alt = peers(args.alt_peers)
 
@@ -404,22 +487,29 @@ def main() -> int:
                     return await paced(f"httpx AsyncClient, {label}", "httpx", fn, alt,
                                        args.port, args.alt_interval, child)
 
-            rows.append(anyio.run(with_httpx, False, backend="asyncio"))
-            rows.append(anyio.run(with_httpx, True, backend="asyncio"))
-            rows.append(anyio.run(paced, "h11 over anyio TCP streams", "h11", h11_anyio, alt,
-                                  args.port, args.alt_interval, child, backend="asyncio"))
-            rows.append(anyio.run(paced, "asyncio Protocol (create_connection)", "protocol",
-                                  asyncio_protocol, alt, args.port, args.alt_interval, child,
-                                  backend="asyncio"))
-            rows.append(anyio.run(paced, "healthmesh probe, same load", "http_get",
-                                  healthmesh_probe, alt, args.port, args.alt_interval, child,
-                                  backend="asyncio"))
+            rows.append(go(with_httpx, False))
+            rows.append(go(with_httpx, True))
+            for name, fn in (
+                ("h11 over anyio TCP streams", h11_anyio),
+                ("asyncio Protocol (create_connection)", asyncio_protocol),
+                ("healthmesh probe, same load", healthmesh_probe),
+            ):
+                rows.append(go(paced, name, name, fn, alt, args.port, args.alt_interval, child))
         rows.append(run_ab(child, args.ab_requests, "ab → healthmesh responder (after)"))
         rss1 = child.rss_mb()
     finally:
         child.stop()
 
     if not args.skip_alternatives:
+        other = "uvloop" if args.loop == "asyncio" else "asyncio"
+        try:
+            hm = healthmesh_responder(args.port + 1, other)
+            try:
+                rows.append(run_ab(hm, args.ab_requests, f"ab → healthmesh responder ({other})"))
+            finally:
+                hm.stop()
+        except SystemExit as exc:
+            print(f"skipped the {other} responder: {exc}")
         for http, loop in (("h11", "asyncio"), ("httptools", "asyncio"), ("httptools", "uvloop")):
             try:
                 __import__(http)
@@ -446,7 +536,7 @@ def main() -> int:
         "responder_rss_mb": [round(rss0, 1), round(rss1, 1)],
     }
     print(f"date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
-          f"{os.cpu_count()} CPUs; Python {platform.python_version()}; "
+          f"{os.cpu_count()} CPUs; Python {platform.python_version()}; loop {args.loop}; "
           f"{args.peers} peers over {args.interval:g} s")
     print(table(rows))
     print(json.dumps(verdict))

@@ -54,12 +54,16 @@ def _listen(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) 
     help="Time a kept-alive connection may idle between requests.",
 )
 @click.option(
+    "--loop", type=click.Choice(["auto", "asyncio", "uvloop"]), default="auto",
+    show_default=True, help="Event loop; auto uses uvloop when it is installed.",
+)
+@click.option(
     "--log-level", type=click.Choice(_LEVELS, case_sensitive=False), default="INFO",
     show_default=True, help="Level of the log on stderr.",
 )
 def responder_command(
     listen: list[str], max_connections: int, header_timeout: Duration, idle_timeout: Duration,
-    log_level: str,
+    loop: str, log_level: str,
 ) -> None:
     """Run the health responder alone: GET /hello -> 200, any other path -> 404.
 
@@ -80,7 +84,8 @@ def responder_command(
         idle_timeout=idle_timeout,
     )
     try:
-        anyio.run(_serve, settings, backend="asyncio")
+        anyio.run(_serve, settings, backend="asyncio",
+                  backend_options={"use_uvloop": _use_uvloop(loop)})
     except KeyboardInterrupt:  # a second Ctrl-C while shutting down
         pass
     except Exception as exc:
@@ -88,6 +93,18 @@ def responder_command(
         if bind_error is None:
             raise
         raise click.ClickException(str(bind_error)) from None
+
+
+def _use_uvloop(choice: str) -> bool:
+    if choice == "asyncio":
+        return False
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        if choice == "uvloop":
+            raise click.UsageError("--loop uvloop: uvloop is not installed") from None
+        return False
+    return True
 
 
 def _find_os_error(exc: BaseException) -> OSError | None:

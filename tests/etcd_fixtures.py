@@ -189,8 +189,8 @@ def start_etcd(tmp_path: Path, name: str = "etcd", **kw: Any) -> EtcdServer:
     return EtcdServer(data, name=name, **kw).start()
 
 
-@pytest.fixture
-def etcd(tmp_path: Path) -> Iterator[EtcdServer]:
+@pytest.fixture(name="etcd")
+def etcd_fixture(tmp_path: Path) -> Iterator[EtcdServer]:
     """A fresh etcd on free loopback ports, stopped afterwards."""
     server = start_etcd(tmp_path)
     try:
@@ -199,8 +199,8 @@ def etcd(tmp_path: Path) -> Iterator[EtcdServer]:
         server.stop()
 
 
-@pytest.fixture
-def etcd2(tmp_path: Path) -> Iterator[EtcdServer]:
+@pytest.fixture(name="etcd2")
+def etcd2_fixture(tmp_path: Path) -> Iterator[EtcdServer]:
     """A second, independent etcd (another cluster's)."""
     server = start_etcd(tmp_path, name="etcd2")
     try:
@@ -232,7 +232,8 @@ def make_tls(dir: Path) -> dict[str, str]:
         run("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={role}",
             "-keyout", str(key), "-out", str(csr))  # fmt: skip
         run("x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca_key),
-            "-CAcreateserial", "-days", "2", "-extfile", str(extfile), "-out", str(cert))  # fmt: skip
+            "-CAcreateserial", "-days", "2", "-extfile", str(extfile),
+            "-out", str(cert))  # fmt: skip
         prefix = "" if role == "server" else "client_"
         paths[f"{prefix}cert"], paths[f"{prefix}key"] = str(cert), str(key)
     return paths

@@ -1,4 +1,4 @@
-"""The etcd peer source in-process against a real etcd: registration, heartbeat, watch, bad values."""
+"""The etcd peer source in-process with a real etcd: registration, heartbeat, watch, bad values."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ from loguru import logger
 
 from healthmesh import Node
 from healthmesh.core.config import convert
-from healthmesh.plugins.etcd.client import EtcdClient, EtcdUnavailable
-from healthmesh.plugins.etcd.settings import EtcdSettings, connection_from
-from healthmesh.plugins.etcd.source import EtcdSource
-from tests.etcd_fixtures import EtcdServer, etcd  # noqa: F401
+from healthmesh.plugins.clustermesh.client import EtcdClient, EtcdUnavailable
+from healthmesh.plugins.clustermesh.connection import connection_from
+from healthmesh.plugins.clustermesh.etcd_source import EtcdSettings, EtcdSource
+from tests.etcd_fixtures import EtcdServer, etcd_fixture  # noqa: F401
 
 pytestmark = pytest.mark.anyio
 
@@ -119,11 +119,11 @@ def malformed_values() -> list[tuple[str, bytes]]:
         bad.append((f"{p}/c1/name{i}", json.dumps({**good, "name": f"other{i}"}).encode()))
         bad.append((f"{p}/c1/cl{i}", json.dumps({**good, "name": f"cl{i}",
                                                  "cluster": "c9"}).encode()))  # fmt: skip
-        bad.append((f"{p}/c1/big{i}", json.dumps({**good, "name": f"big{i}",
-                                                  "labels": {"x": "y" * 70000}}).encode()))  # fmt: skip
+        big = {**good, "name": f"big{i}", "labels": {"x": "y" * 70000}}
+        bad.append((f"{p}/c1/big{i}", json.dumps(big).encode()))
         bad.append((f"{p}/c9/n{i}", json.dumps(registration(f"n{i}", "c9")).encode()))
-        bad.append((f"{p}/c1/ip{i}", json.dumps({**good, "name": f"ip{i}",
-                                                 "addresses": ["10.0.0.300"]}).encode()))  # fmt: skip
+        badip = {**good, "name": f"ip{i}", "addresses": ["10.0.0.300"]}
+        bad.append((f"{p}/c1/ip{i}", json.dumps(badip).encode()))
         bad.append((f"{p}/c1/deep/n{i}", json.dumps(good).encode()))
     bad.append((f"{p}/c1/nested", b"[" * 5000 + b"]" * 5000))
     bad.append((f"{p}/c1/empty", b""))

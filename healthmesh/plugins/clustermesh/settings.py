@@ -7,7 +7,7 @@ from typing import Any, Literal
 import msgspec
 
 from healthmesh import ComponentSettings, ConfigError, Duration, Name, Node, Settings, parse_nodes
-from healthmesh.plugins.etcd.settings import TlsSettings, check_connection, check_prefix
+from healthmesh.plugins.clustermesh.connection import TlsSettings, check_connection, check_prefix
 
 
 class ClusterSettings(Settings, kw_only=True):

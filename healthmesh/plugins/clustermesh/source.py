@@ -8,15 +8,15 @@ import anyio
 from anyio.abc import TaskStatus
 
 from healthmesh import Node, PeerSource, SourceFeed
+from healthmesh.plugins.clustermesh.connection import connection_from
+from healthmesh.plugins.clustermesh.follower import Follower
 from healthmesh.plugins.clustermesh.settings import (
     ClustermeshSettings,
     ClusterSettings,
     check_clustermesh,
     static_nodes,
 )
-from healthmesh.plugins.etcd.follower import Follower
-from healthmesh.plugins.etcd.settings import connection_from
-from healthmesh.plugins.etcd.tables import CiliumTable, HealthmeshTable, NodeTable
+from healthmesh.plugins.clustermesh.tables import CiliumTable, HealthmeshTable, NodeTable
 
 
 class ClustermeshSource(PeerSource):

@@ -1,4 +1,4 @@
-"""``[sources.etcd]`` settings and the connection to an etcd cluster (endpoints, TLS, auth)."""
+"""The connection to an etcd cluster: endpoints, TLS files, username and password."""
 
 from __future__ import annotations
 
@@ -9,12 +9,7 @@ from pathlib import Path as FsPath
 from typing import Any
 from urllib.parse import urlsplit
 
-import msgspec
-
-from healthmesh import ComponentSettings, Duration, Name, Settings
-
-#: etcd refuses leases shorter than its minimum (about 2 s with default election settings).
-MIN_LEASE_TTL = 2.0
+from healthmesh import Settings
 
 
 class TlsSettings(Settings):
@@ -23,33 +18,6 @@ class TlsSettings(Settings):
     ca: str | None = None
     cert: str | None = None
     key: str | None = None
-
-
-class EtcdSettings(ComponentSettings, kw_only=True):
-    """``[sources.etcd]``: where etcd is, how to log in, and how this agent registers."""
-
-    endpoints: list[str]
-    #: Key prefix of healthmesh's layout: ``<prefix>/nodes/v1/...`` and ``<prefix>/alive/v1/...``.
-    prefix: str = "healthmesh"
-    #: Write this node's registration and heartbeat (false: only read the other nodes).
-    register: bool = True
-    #: Time-to-live of the heartbeat lease; it is renewed every third of it.
-    lease_ttl: Duration = Duration(15.0)
-    #: Bound on every request to etcd (a hung etcd is noticed within it).
-    timeout: Duration = Duration(2.0)
-    #: Longest pause between reconnection attempts (backoff starts at 0.5 s and doubles).
-    retry_max: Duration = Duration(10.0)
-    #: Other clusters whose nodes this etcd may also list (the local cluster always is).
-    clusters: list[Name] = msgspec.field(default_factory=list)
-    #: Values larger than this are skipped with a warning.
-    max_value_bytes: int = 65536
-    #: Keys under the prefix read at most (a bound on memory; the rest are ignored, with a warning).
-    max_keys: int = 50000
-    tls: TlsSettings = msgspec.field(default_factory=TlsSettings)
-    username: str | None = None
-    password: str | None = None
-    #: A file holding the password (relative to the config file), instead of ``password``.
-    password_file: str | None = None
 
 
 @dataclass(frozen=True)
@@ -168,19 +136,3 @@ def _check_file(path: str | None, config_path: str, key: str) -> None:
         raise ValueError(f"{key}: {resolved}: no such file")
     if not os.access(resolved, os.R_OK):
         raise ValueError(f"{key}: {resolved}: permission denied")
-
-
-def check_etcd_settings(settings: EtcdSettings, config: Any) -> None:
-    """Everything ``config check`` can know about ``[sources.etcd]`` without contacting etcd."""
-    check_connection(settings, config.path)
-    check_prefix(settings.prefix)
-    if settings.lease_ttl < MIN_LEASE_TTL:
-        raise ValueError(f"lease_ttl: must be at least {MIN_LEASE_TTL:g}s (etcd's minimum)")
-    if settings.timeout * 2 > settings.lease_ttl:
-        raise ValueError("timeout: must be at most half of lease_ttl, or heartbeats lapse")
-    if settings.retry_max < 0.5:
-        raise ValueError("retry_max: must be at least 500ms")
-    if not 256 <= settings.max_value_bytes <= 1_572_864:
-        raise ValueError("max_value_bytes: must be between 256 and 1572864 (etcd's request limit)")
-    if settings.max_keys < 1:
-        raise ValueError("max_keys: must be at least 1")

@@ -2,15 +2,59 @@
 
 from __future__ import annotations
 
+import socket
 import sys
-from typing import NoReturn
+from types import SimpleNamespace
+from typing import Any, NoReturn
 
 import anyio
 import click
+import msgspec
 
-from healthmesh.plugins.etcd.client import EtcdClient, EtcdError
-from healthmesh.plugins.etcd.records import alive_key, node_key
-from healthmesh.plugins.etcd.settings import Connection, connection_from
+from healthmesh import Duration, Name, parse_duration
+from healthmesh.plugins.clustermesh.client import EtcdClient, EtcdError
+from healthmesh.plugins.clustermesh.connection import Connection, connection_from
+from healthmesh.plugins.clustermesh.etcd_source import EtcdSettings, check_etcd_settings
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+from healthmesh.plugins.clustermesh.records import alive_key, node_key
+
+
+def _load(path: str) -> tuple[EtcdSettings, tuple[str, str]]:
+    """The ``[sources.etcd]`` settings and (cluster, node name) of a config; exit 2 on errors."""
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.loads(fh.read(4 * 1024 * 1024).decode("utf-8"))
+    except OSError as exc:
+        _fail(f"{path}: {exc.strerror}")
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        _fail(f"{path}: invalid TOML: {exc}")
+    node = data.get("node", {})
+    table = data.get("sources", {}).get("etcd") if isinstance(data.get("sources"), dict) else None
+    if not isinstance(node, dict) or not isinstance(table, dict):
+        _fail(f"{path}: no [sources.etcd] section; nothing to leave")
+    if table.get("enabled") is False:
+        _fail(f"{path}: [sources.etcd] is disabled; nothing to leave")
+    try:
+        settings = msgspec.convert(table, EtcdSettings, dec_hook=_dec_hook)
+        check_etcd_settings(settings, SimpleNamespace(path=path))
+    except msgspec.ValidationError as exc:
+        _fail(f"{path}: sources.etcd: {exc}")
+    except ValueError as exc:
+        _fail(f"{path}: sources.etcd.{exc}")
+    name = node.get("name") or socket.gethostname().split(".")[0]
+    return settings, (str(node.get("cluster", "default")), str(name))
+
+
+def _dec_hook(typ: type, value: Any) -> Any:
+    if typ is Duration and isinstance(value, str):
+        return Duration(parse_duration(value))
+    if typ is Name and isinstance(value, str):
+        return Name(value)
+    raise ValueError(f"unexpected value {value!r}")
 
 
 def _fail(message: str) -> NoReturn:
@@ -39,20 +83,12 @@ def leave_command(config_path: str, node_ref: str | None, force: bool) -> None:
     the node's heartbeat is alive (the agent still runs) unless --force is given. Exit 0
     when the node is gone (also when it was not registered), 2 on any error.
     """
-    from healthmesh.cli import load_config, setup_logging
-
-    setup_logging("ERROR")
-    config, _registry = load_config(config_path, need_peers=False)
-    settings = config.components.get("sources.etcd")
-    if settings is None:
-        _fail(f"{config_path}: no enabled [sources.etcd] section; nothing to leave")
-    cluster, name = config.node.cluster, config.node.name
+    settings, (cluster, name) = _load(config_path)
     if node_ref:
-        cluster, _, name = node_ref.rpartition("/") if "/" in node_ref else ("", "", node_ref)
-        cluster = cluster or config.node.cluster
-        if not name or "/" in cluster:
+        cluster, _, name = node_ref.rpartition("/") if "/" in node_ref else (cluster, "", node_ref)
+        if not name or not cluster or "/" in cluster:
             _fail(f"--node {node_ref!r}: use NAME or CLUSTER/NAME")
-    conn = connection_from(settings, config.path)
+    conn = connection_from(settings, config_path)
     try:
         message = anyio.run(_leave, conn, settings.prefix, cluster, name, force)
     except EtcdError as exc:

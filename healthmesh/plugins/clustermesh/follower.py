@@ -17,10 +17,15 @@ import anyio
 from loguru import logger
 
 from healthmesh import Node
-from healthmesh.plugins.etcd.client import EtcdClient, EtcdCompacted, EtcdError
-from healthmesh.plugins.etcd.records import alive_key, encode_heartbeat, encode_node, node_key
-from healthmesh.plugins.etcd.settings import Connection
-from healthmesh.plugins.etcd.tables import NodeTable
+from healthmesh.plugins.clustermesh.client import EtcdClient, EtcdCompacted, EtcdError
+from healthmesh.plugins.clustermesh.connection import Connection
+from healthmesh.plugins.clustermesh.records import (
+    alive_key,
+    encode_heartbeat,
+    encode_node,
+    node_key,
+)
+from healthmesh.plugins.clustermesh.tables import NodeTable
 
 #: Seconds between liveness checks of a read-only follower.
 PING_INTERVAL = 5.0

@@ -17,7 +17,7 @@ from typing import Any, Literal
 import anyio
 import httpx
 
-from healthmesh.plugins.etcd.settings import Connection
+from healthmesh.plugins.clustermesh.connection import Connection
 
 #: gRPC status codes etcd answers with (through the gateway's ``code`` field).
 INVALID_ARGUMENT, DEADLINE_EXCEEDED, PERMISSION_DENIED = 3, 4, 7

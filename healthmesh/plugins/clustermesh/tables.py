@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable
 from loguru import logger
 
 from healthmesh import Node
-from healthmesh.plugins.etcd.records import (
+from healthmesh.plugins.clustermesh.records import (
     CILIUM_PREFIX,
     BadValue,
     alive_prefix,

@@ -1,0 +1,113 @@
+"""Peer source ``etcd``: register this node, keep its heartbeat, and watch the other nodes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+from anyio.abc import TaskStatus
+
+from healthmesh import ComponentSettings, Duration, Name, PeerSource, SourceFeed
+from healthmesh.plugins.clustermesh.connection import (
+    TlsSettings,
+    check_connection,
+    check_prefix,
+    connection_from,
+)
+from healthmesh.plugins.clustermesh.follower import Follower, Registration
+from healthmesh.plugins.clustermesh.tables import HealthmeshTable
+
+#: etcd refuses leases shorter than its minimum (about 2 s with default election settings).
+MIN_LEASE_TTL = 2.0
+
+
+class EtcdSettings(ComponentSettings, kw_only=True):
+    """``[sources.etcd]``: where etcd is, how to log in, and how this agent registers."""
+
+    endpoints: list[str]
+    #: Key prefix of healthmesh's layout: ``<prefix>/nodes/v1/...`` and ``<prefix>/alive/v1/...``.
+    prefix: str = "healthmesh"
+    #: Write this node's registration and heartbeat (false: only read the other nodes).
+    register: bool = True
+    #: Time-to-live of the heartbeat lease; it is renewed every third of it.
+    lease_ttl: Duration = Duration(15.0)
+    #: Bound on every request to etcd (a hung etcd is noticed within it).
+    timeout: Duration = Duration(2.0)
+    #: Longest pause between reconnection attempts (backoff starts at 0.5 s and doubles).
+    retry_max: Duration = Duration(10.0)
+    #: Other clusters whose nodes this etcd may also list (the local cluster always is).
+    clusters: list[Name] = msgspec.field(default_factory=list)
+    #: Values larger than this are skipped with a warning.
+    max_value_bytes: int = 65536
+    #: Keys under the prefix read at most (a bound on memory; the rest are ignored, with a warning).
+    max_keys: int = 50000
+    tls: TlsSettings = msgspec.field(default_factory=TlsSettings)
+    username: str | None = None
+    password: str | None = None
+    #: A file holding the password (relative to the config file), instead of ``password``.
+    password_file: str | None = None
+
+
+def check_etcd_settings(settings: EtcdSettings, config: Any) -> None:
+    """Everything ``config check`` can know about ``[sources.etcd]`` without contacting etcd."""
+    check_connection(settings, config.path)
+    check_prefix(settings.prefix)
+    if settings.lease_ttl < MIN_LEASE_TTL:
+        raise ValueError(f"lease_ttl: must be at least {MIN_LEASE_TTL:g}s (etcd's minimum)")
+    if settings.timeout * 2 > settings.lease_ttl:
+        raise ValueError("timeout: must be at most half of lease_ttl, or heartbeats lapse")
+    if settings.retry_max < 0.5:
+        raise ValueError("retry_max: must be at least 500ms")
+    if not 256 <= settings.max_value_bytes <= 1_572_864:
+        raise ValueError("max_value_bytes: must be between 256 and 1572864 (etcd's request limit)")
+    if settings.max_keys < 1:
+        raise ValueError("max_keys: must be at least 1")
+
+
+class EtcdSource(PeerSource):
+    """The nodes registered in etcd under ``<prefix>/nodes/v1/``, with their heartbeats.
+
+    A registration is durable (a crashed node stays, shown unreachable, its heartbeat
+    ``expired``); only ``healthmesh leave`` removes it. While etcd cannot be reached the last
+    node set is kept, probing goes on and the source is shown stale.
+    """
+
+    name = "etcd"
+    Settings = EtcdSettings
+
+    @classmethod
+    def validate_settings(cls, settings: EtcdSettings, config: Any) -> None:
+        check_etcd_settings(settings, config)
+
+    def __init__(self, settings: EtcdSettings, context: Any) -> None:
+        super().__init__(settings, context)
+        self.conn = connection_from(settings, context.config.path)
+        local = context.local_node
+        clusters = {local.cluster, *(str(c) for c in settings.clusters)}
+        self.table = HealthmeshTable(
+            "sources.etcd",
+            settings.prefix,
+            clusters,
+            max_bytes=settings.max_value_bytes,
+            exclude=local.id,
+        )
+        self.registration = (
+            Registration(local, settings.prefix, float(settings.lease_ttl))
+            if settings.register
+            else None
+        )
+        self.follower: Follower | None = None
+
+    async def run(self, feed: SourceFeed, *, task_status: TaskStatus[None]) -> None:
+        self.follower = Follower(
+            "sources.etcd",
+            self.conn,
+            self.table,
+            publish=feed.replace,
+            stale=lambda reason: feed.mark_stale(f"etcd: {reason}"),
+            fresh=feed.mark_fresh,
+            retry_max=float(self.settings.retry_max),
+            max_keys=self.settings.max_keys,
+            registration=self.registration,
+        )
+        await self.follower.run(ready=task_status.started)

@@ -452,6 +452,10 @@ def main() -> int:
     ap.add_argument("--skip-scheduler", action="store_true")
     ap.add_argument("--json", metavar="FILE", help="write the results as JSON")
     args = ap.parse_args()
+    from loguru import logger
+
+    logger.remove()  # the scheduler's per-path debug lines would be measured too
+    logger.add(sys.stderr, level="WARNING")
     if not 1 <= args.peers <= 62500:
         ap.error("--peers must be between 1 and 62500")
 

@@ -23,6 +23,10 @@ from healthmesh.core.state import StateStore
 
 #: Bound on clean-up work at shutdown, so SIGTERM ends the agent within 2 s.
 SHUTDOWN_BOUND = 1.5
+#: Changes of path state are handed to outputs at most this often (or interval / 10), each
+#: batch after this much settling time.
+CHANGE_GAP = 0.1
+CHANGE_SETTLE = 0.02
 
 
 class StartupError(Exception):
@@ -62,8 +66,14 @@ class Agent:
         self.console: Output | None = None
         self._build(console)
         self.scheduler = Scheduler(
-            p, self.probes, self.store, seed=self.local_node.id, on_round=self._round_completed
+            p,
+            self.probes,
+            self.store,
+            seed=self.local_node.id,
+            on_round=self._round_completed,
+            on_change=self._state_changed,
         )
+        self._changed: anyio.Event | None = None
         self._last_round: RoundInfo | None = None
         self._round_snapshot: Snapshot | None = None
 
@@ -161,6 +171,26 @@ class Agent:
             except Exception as exc:
                 logger.error("output {} failed: {}: {}", out.name, type(exc).__name__, exc)
 
+    def _state_changed(self) -> None:
+        if self._changed is not None:
+            self._changed.set()
+
+    async def _publish_changes(self) -> None:
+        """Hand the outputs a snapshot soon after paths change state (a burst at once)."""
+        gap = max(CHANGE_GAP, self.config.probing.interval / 10)
+        while True:
+            self._changed = anyio.Event()
+            await self._changed.wait()
+            await anyio.sleep(CHANGE_SETTLE)  # one snapshot for a burst of changes
+            snap = self.snapshot()
+            for out in self.outputs:
+                try:
+                    with anyio.move_on_after(self.config.probing.interval):
+                        await out.state_changed(snap)
+                except Exception as exc:
+                    logger.error("output {} failed: {}: {}", out.name, type(exc).__name__, exc)
+            await anyio.sleep(gap - CHANGE_SETTLE)
+
     async def run(self) -> int:
         """Run until SIGINT/SIGTERM (or one round with ``once``); return the exit code."""
         self.membership.on_change = lambda: None
@@ -181,6 +211,7 @@ class Agent:
                 if not self.once:
                     for out in self.outputs:
                         await tg.start(self._start, out.name, out.run)
+                    tg.start_soon(self._publish_changes)
                 for src in self.sources:
                     feed = self.membership.feed(src.name)
                     await tg.start(self._start_source, src, feed)

@@ -142,6 +142,15 @@ class Output(Component):
         """Called after each completed round with the fresh snapshot."""
         return None
 
+    async def state_changed(self, snapshot: Snapshot) -> None:
+        """Called soon after a path changed reachability, between rounds, with a new snapshot.
+
+        At most every ``max(100 ms, interval / 10)``. Outputs that render once per round (the
+        NDJSON and table consoles) ignore it; live views (the API, metrics) should serve it,
+        so that a failure is reported when it is decided rather than at the end of the round.
+        """
+        return None
+
     async def close(self, snapshot: Snapshot) -> None:
         """Called once at shutdown, and after the single round of ``run --once``."""
         return None

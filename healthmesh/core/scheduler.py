@@ -75,12 +75,16 @@ class Scheduler:
         *,
         seed: str = "",
         on_round: Callable[[RoundInfo], Awaitable[None]] | None = None,
+        on_change: Callable[[], None] | None = None,
     ) -> None:
         self.probing = probing
         self.probes = probes
         self.store = store
         self.seed = seed
         self.on_round = on_round
+        #: Called (synchronously) whenever a path changes state, so reports need not wait
+        #: for the end of the round.
+        self.on_change = on_change
         self.slots: dict[SlotKey, Slot] = {}
         self.rounds: list[RoundInfo] = []
         self.completed_rounds = 0
@@ -268,6 +272,8 @@ class Scheduler:
                 st.state.value,
                 "" if result.ok else f": {result.error}",
             )
+            if self.on_change is not None:
+                self.on_change()
         return st
 
     async def probe_once(self, path: Path, kind: str) -> ProbeResult:

@@ -459,12 +459,7 @@ class Lab:
             f"addr add {host.addr6}/64 dev eth0 nodad",
             "link set eth0 up",
         ]
-        for other in self.hosts:
-            if other is not host and other.endpoint:
-                cmds += [
-                    f"route add {NET4}.{other.index}.0/24 via {other.addr4}",
-                    f"route add {NET6}:{other.index:x}::/64 via {other.addr6}",
-                ]
+        cmds += self._routes(host)
         if host.endpoint:
             sh("ip", "netns", "add", host.ep_ns)
             _sysctl(host.ep_ns, {
@@ -479,6 +474,13 @@ class Lab:
                 "link set lxc_health up",
             ]
         _batch(host.ns, cmds)
+        # Interfaces made before the sysctls above keep the kernel's defaults: no duplicate
+        # address detection on them either, or IPv6 lags IPv4 by a second after a link flap.
+        no_dad = {"net.ipv6.conf.eth0.accept_dad": "0"}
+        if host.endpoint:
+            no_dad["net.ipv6.conf.lxc_health.accept_dad"] = "0"
+            _sysctl(host.ep_ns, {"net.ipv6.conf.eth0.accept_dad": "0"})
+        _sysctl(host.ns, no_dad)
         if host.endpoint:
             _batch(host.ep_ns, [
                 "link set lo up",
@@ -489,6 +491,17 @@ class Lab:
                 f"route add ::/0 via {NET6}:{host.index:x}::1",
             ])
         self._reset_firewall(host)
+
+    def _routes(self, host: Host) -> list[str]:
+        """Routes to every other host's endpoint subnet (the kernel drops them on link down)."""
+        cmds = []
+        for other in self.hosts:
+            if other is not host and other.endpoint:
+                cmds += [
+                    f"route replace {NET4}.{other.index}.0/24 via {other.addr4}",
+                    f"route replace {NET6}:{other.index:x}::/64 via {other.addr6}",
+                ]
+        return cmds
 
     def _reset_firewall(self, host: Host) -> None:
         ruleset = "*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n"
@@ -647,7 +660,8 @@ class Lab:
         host.run("ip", "link", "set", "eth0", "down")
 
     def link_up(self, host: Host) -> None:
-        host.run("ip", "link", "set", "eth0", "up")
+        """Bring the host's link back, with the routes the kernel removed when it went down."""
+        _batch(host.ns, ["link set eth0 up", *self._routes(host)])
 
     def endpoint_down(self, host: Host) -> None:
         """Take the host's health endpoint off the network (``lxc_health`` down)."""
@@ -807,6 +821,45 @@ def change_time(view: Json, name: str, state: str) -> float | None:
     return min(stamps) if state == "unreachable" else max(stamps)
 
 
+def entries_change(
+    view: Json,
+    name: str,
+    state: str,
+    *,
+    role: str | None = None,
+    kind: str | None = None,
+) -> float | None:
+    """When the selected probe entries of node ``name`` all reached ``state``.
+
+    For ``unreachable`` the first change among them (one failing path already makes the node
+    unreachable); for ``reachable`` the last one. None unless every selected entry is in
+    ``state``.
+    """
+    node = find_node(view, name)
+    if node is None:
+        return None
+    entries = probe_entries(node, role, kind)
+    if not entries or any(e["state"] != state for e in entries):
+        return None
+    stamps = [parse_time(e.get("last_change")) for e in entries]
+    known = [t for t in stamps if t is not None]
+    if not known:
+        return None
+    return min(known) if state == "unreachable" else max(known)
+
+
+def entries_state(
+    view: Json | None, name: str, *, role: str | None = None, kind: str | None = None
+) -> set[str]:
+    """The set of states of the selected probe entries of node ``name`` (empty when absent)."""
+    if view is None:
+        return set()
+    node = find_node(view, name)
+    if node is None:
+        return set()
+    return {e["state"] for e in probe_entries(node, role, kind)}
+
+
 def summarize(view: Json | None) -> Json | str:
     """A short text of every node's and path's state, for error messages."""
     if view is None:
@@ -957,7 +1010,7 @@ def _sigterm_to_exit(signum: int, frame: object) -> None:
 
 __all__ = [
     "Host", "Lab", "LabError", "Transition", "Unsupported", "all_reachable", "api_get",
-    "change_time", "cleanup_leftovers", "find_node", "lab", "loaded_plugins",
-    "netem_unavailable", "node_state", "probe_entries", "read_transitions", "remove_lab",
-    "summarize", "unavailable_reason",
+    "change_time", "cleanup_leftovers", "entries_change", "entries_state", "find_node", "lab",
+    "loaded_plugins", "netem_unavailable", "node_state", "probe_entries", "read_transitions",
+    "remove_lab", "summarize", "unavailable_reason",
 ]

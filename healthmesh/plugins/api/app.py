@@ -16,7 +16,7 @@ from urllib.parse import parse_qsl
 
 from loguru import logger
 
-from healthmesh import AgentContext, __version__
+from healthmesh import AgentContext, __version__, rfc3339
 from healthmesh.plugins.api.cilium import health_response
 from healthmesh.plugins.api.views import Rendered, Views, encode
 
@@ -174,6 +174,7 @@ class ApiApp:
             "version": __version__,
             "node": {"name": self.context.local_node.name,
                      "cluster": self.context.local_node.cluster},
+            "started_at": rfc3339(self.context.started_at),
             "uptime_s": round(max(0.0, time.time() - self.context.started_at), 3),
             "rounds_completed": self.views.rounds_completed,
         }

@@ -9,8 +9,6 @@ from typing import Any, NoReturn
 
 import click
 
-from healthmesh.plugins.api.cilium import node_ok
-from healthmesh.plugins.api.client import AgentClient, AgentUnreachable, socket_from_uri
 from healthmesh.plugins.api.settings import DEFAULT_SOCKET, SOCKET_ENV
 
 EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE, EXIT_NO_AGENT = 0, 1, 2, 3
@@ -53,6 +51,10 @@ def status_command(
       healthmesh status --probe --verbose
       healthmesh status -H unix:///run/healthmesh/health.sock -o cilium-json
     """
+    # Imported here: every healthmesh command builds the CLI, few of them run this one.
+    from healthmesh.plugins.api.cilium import node_ok
+    from healthmesh.plugins.api.client import AgentClient, AgentUnreachable, socket_from_uri
+
     if verbose and succinct:
         _fail("--verbose and --succinct cannot be combined", EXIT_USAGE)
     if output != "table" and (verbose or succinct):

@@ -6,7 +6,6 @@ import logging
 from typing import Any, ClassVar
 
 import anyio
-import uvicorn
 from anyio.abc import TaskGroup, TaskStatus
 from loguru import logger
 
@@ -74,6 +73,8 @@ class ApiOutput(Output):
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Bind the socket (OSError saying why not), report ready, serve until cancelled."""
+        import uvicorn  # here, not at import: the CLI loads every plugin and needs none of it
+
         s: ApiSettings = self.settings
         config = _uvicorn_config(self.app)
         server = uvicorn.Server(config)
@@ -99,7 +100,9 @@ class ApiOutput(Output):
         await self.views.publish(snapshot)
 
 
-def _uvicorn_config(app: ApiApp) -> uvicorn.Config:
+def _uvicorn_config(app: ApiApp) -> Any:
+    import uvicorn
+
     config = uvicorn.Config(
         app,
         http="h11",

@@ -94,6 +94,7 @@ class Views:
         self.current: Rendered | None = None
         #: Scheduler rounds completed (on-demand probe rounds are not counted).
         self.rounds_completed = 0
+        self._round: dict[str, Any] | None = None
         self._current_seq = -1
         self._seq = itertools.count()
         self._live: Rendered | None = None
@@ -102,10 +103,17 @@ class Views:
     async def publish(self, snapshot: Snapshot) -> Rendered:
         """Render ``snapshot`` and serve it from now on (unless a newer one got there first)."""
         seq = next(self._seq)
-        completed = (snapshot.data.get("round") or {}).get("completed")
-        if isinstance(completed, int):
-            self.rounds_completed = max(self.rounds_completed, completed)
-        rendered = await anyio.to_thread.run_sync(Rendered.build, snapshot.data)
+        data = snapshot.data
+        rnd = data.get("round")
+        if isinstance(rnd, dict):
+            self._round = rnd
+            completed = rnd.get("completed")
+            if isinstance(completed, int):
+                self.rounds_completed = max(self.rounds_completed, completed)
+        elif self._round is not None:
+            # An on-demand probe round's snapshot: keep the keys of the scheduled rounds'.
+            data = {**data, "round": self._round}
+        rendered = await anyio.to_thread.run_sync(Rendered.build, data)
         if seq > self._current_seq:
             self.current, self._current_seq = rendered, seq
         return rendered

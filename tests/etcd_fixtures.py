@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +24,14 @@ from tests.agentproc import free_port
 from tests.conftest import require_binary
 
 ETCD_START_TIMEOUT = 20.0
+#: Run by the test's interpreter inside a namespace: one gateway request from stdin's JSON.
+_NETNS_CALL = (
+    "import json, sys, httpx\n"
+    "a = json.load(sys.stdin)\n"
+    "r = httpx.post(a['url'], json=a['body'], headers=a['headers'], timeout=a['timeout'],"
+    " trust_env=False)\n"
+    "print(json.dumps({'status': r.status_code, 'data': r.json()}))\n"
+)
 
 
 def _b64(data: bytes | str) -> str:
@@ -38,15 +47,26 @@ def _end(prefix: str) -> str:
 class EtcdServer:
     """One etcd member on loopback; a small synchronous kv client for the test to write with."""
 
-    def __init__(self, data_dir: Path, *, name: str = "etcd", tls: dict[str, str] | None = None):
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        name: str = "etcd",
+        tls: dict[str, str] | None = None,
+        netns: str | None = None,
+        host: str = "127.0.0.1",
+    ) -> None:
         self.binary = require_binary("etcd", "etcd-server")
         self.data_dir = data_dir
         self.name = name
         self.tls = tls
-        self.client_port = free_port()
-        self.peer_port = free_port()
+        #: Run inside this network namespace (a netlab's); the test then talks to it from there.
+        self.netns = netns
+        self.host = host
+        self.client_port = 2379 if netns else free_port()
+        self.peer_port = 2380 if netns else free_port()
         scheme = "https" if tls else "http"
-        self.url = f"{scheme}://127.0.0.1:{self.client_port}"
+        self.url = f"{scheme}://{host}:{self.client_port}"
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = data_dir.with_suffix(".log")
         self.token: str | None = None
@@ -54,7 +74,7 @@ class EtcdServer:
     # -- lifecycle --------------------------------------------------------------------
 
     def start(self) -> EtcdServer:
-        peer = f"http://127.0.0.1:{self.peer_port}"
+        peer = f"http://{self.host}:{self.peer_port}"
         args = [
             self.binary,
             "--name", self.name,
@@ -74,6 +94,8 @@ class EtcdServer:
             ]  # fmt: skip
         log = open(self.log, "ab")
         env = {k: v for k, v in os.environ.items() if not k.startswith("ETCD")}
+        if self.netns:  # ip netns exec execs etcd: the pid stays etcd's (for SIGSTOP)
+            args = ["ip", "netns", "exec", self.netns, *args]
         self.proc = subprocess.Popen(args, stdout=log, stderr=log, env=env)
         log.close()
         self.wait_ready()
@@ -88,7 +110,7 @@ class EtcdServer:
             try:
                 self.call("/v3/kv/range", {"key": _b64("probe")}, timeout=1.0)
                 return
-            except (httpx.HTTPError, AssertionError):
+            except (httpx.HTTPError, AssertionError, ValueError, subprocess.SubprocessError):
                 time.sleep(0.1)
         raise AssertionError(f"etcd not ready within {timeout}s:\n{self.log_text()}")
 
@@ -140,11 +162,30 @@ class EtcdServer:
 
     def call(self, path: str, body: dict[str, Any], timeout: float = 5.0) -> dict[str, Any]:
         headers = {"Authorization": self.token} if self.token else {}
+        if self.netns:
+            return self._call_in_netns(path, body, headers, timeout)
         with self._http(timeout) as http:
             resp = http.post(self.url + path, json=body, headers=headers)
         data = resp.json()
         assert resp.status_code == 200, data
         return data
+
+    def _call_in_netns(
+        self, path: str, body: dict[str, Any], headers: dict[str, str], timeout: float
+    ) -> dict[str, Any]:
+        request = {"url": self.url + path, "body": body, "headers": headers, "timeout": timeout}
+        for _attempt in range(3):  # bounded: a spawn inside a namespace can fail transiently
+            out = subprocess.run(
+                ["ip", "netns", "exec", self.netns or "", sys.executable, "-c", _NETNS_CALL],
+                input=json.dumps(request), capture_output=True, text=True, timeout=timeout + 15,
+            )  # fmt: skip
+            if out.returncode == 0:
+                break
+            time.sleep(0.2)
+        assert out.returncode == 0, (out.returncode, out.stdout[-500:], out.stderr[-2000:])
+        reply = json.loads(out.stdout)
+        assert reply["status"] == 200, reply
+        return reply["data"]
 
     def put(self, key: str, value: bytes | str | dict[str, Any], lease: int = 0) -> None:
         raw = json.dumps(value).encode() if isinstance(value, dict) else value

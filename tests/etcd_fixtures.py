@@ -166,7 +166,10 @@ class EtcdServer:
             return self._call_in_netns(path, body, headers, timeout)
         with self._http(timeout) as http:
             resp = http.post(self.url + path, json=body, headers=headers)
-        data = resp.json()
+        try:
+            data = resp.json() if resp.content.strip() else {}
+        except ValueError:
+            raise AssertionError(f"{path}: HTTP {resp.status_code}: {resp.text[:300]}") from None
         assert resp.status_code == 200, data
         return data
 
@@ -264,13 +267,13 @@ def make_tls(dir: Path) -> dict[str, str]:
         "-keyout", str(ca_key), "-out", str(ca))  # fmt: skip
     paths: dict[str, str] = {"ca": str(ca)}
     for role, ext in (
-        ("server", "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth"),
+        ("server", "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth"),
         ("client", "extendedKeyUsage=clientAuth"),
     ):
         key, csr, cert = dir / f"{role}.key", dir / f"{role}.csr", dir / f"{role}.pem"
         extfile = dir / f"{role}.ext"
         extfile.write_text(ext + "\n")
-        run("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={role}",
+        run("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=server" if role == "server" else "/O=healthmesh-agent",
             "-keyout", str(key), "-out", str(csr))  # fmt: skip
         run("x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca_key),
             "-CAcreateserial", "-days", "2", "-extfile", str(extfile),

@@ -319,8 +319,8 @@ class EtcdClient:
                     response = await self._client().post(
                         endpoint + path, json=body, headers=self._headers() if auth else {}
                     )
-                    data = response.json() if response.content else {}
-            except (httpx.HTTPError, TimeoutError, OSError, ValueError) as exc:
+                    data = _json_or_text(response)
+            except (httpx.HTTPError, TimeoutError, OSError) as exc:
                 last = EtcdUnavailable(f"{endpoint}: {_describe(exc)}")
                 self._rotate()
                 i += 1
@@ -369,6 +369,11 @@ class EtcdClient:
         if code == INVALID_ARGUMENT and needs_login:
             hint = "" if self.conn.username else " (etcd has auth enabled: set username/password)"
             return EtcdAuthError(text + hint)
+        if "CommonName of client" in message:
+            return EtcdAuthError(
+                text + " (with auth enabled, etcd's JSON gateway refuses client certificates"
+                " that carry a CommonName: use one without CN, see docs/etcd.md)"
+            )
         if code == OUT_OF_RANGE and "compacted" in message:
             return EtcdCompacted(text)
         if code in (UNAVAILABLE, DEADLINE_EXCEEDED) or status in (502, 503, 504):
@@ -385,6 +390,15 @@ def _describe(exc: BaseException) -> str:
         text = str(exc) or "cannot connect"
         return f"cannot connect ({text})" if "connect" not in text.lower() else text
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def _json_or_text(response: httpx.Response) -> Any:
+    if not response.content.strip():
+        return {}
+    try:
+        return response.json()
+    except ValueError:
+        return response.text[:300]
 
 
 async def _read_bounded(response: httpx.Response, limit: int) -> Any:

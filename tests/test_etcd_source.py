@@ -191,3 +191,38 @@ async def test_client_reports_a_dead_endpoint_in_one_line_and_fails_over(
         await client.put("healthmesh/t", b"1")
         assert await client.count("healthmesh/") == 1
         assert client.endpoint == etcd.url
+
+
+def test_leave_removes_a_registration_and_errors_are_one_line(
+    etcd: EtcdServer, tmp_path: Path
+) -> None:
+    from tests.agentproc import free_port
+    from tests.conftest import run_cli
+
+    def config(endpoint: str, extra: str = "") -> str:
+        path = tmp_path / f"leave{free_port()}.toml"
+        path.write_text(
+            '[node]\nname = "n1"\ncluster = "c1"\naddresses = ["127.0.0.1"]\n'
+            f'[sources.etcd]\nendpoints = ["{endpoint}"]\ntimeout = "500ms"\n{extra}'
+        )
+        return str(path)
+
+    etcd.put("healthmesh/nodes/v1/c1/n1", registration("n1"))
+    etcd.put("healthmesh/nodes/v1/c1/gone", registration("gone"))
+    cfg = config(etcd.url)
+    out = run_cli("leave", "-c", cfg)
+    assert out.returncode == 0 and "node c1/n1 left the mesh" in out.stdout, out.stderr
+    assert etcd.get("healthmesh/nodes/v1/c1/n1") is None
+    out = run_cli("leave", "-c", cfg)
+    assert out.returncode == 0 and "was not registered" in out.stdout
+    out = run_cli("leave", "-c", cfg, "--node", "gone")  # a node that will not come back
+    assert out.returncode == 0 and etcd.get("healthmesh/nodes/v1/c1/gone") is None
+    for args, expected in [
+        (("-c", config(f"http://127.0.0.1:{free_port()}")), "etcd: "),
+        (("-c", config(etcd.url, 'lease_ttl = "1s"\n')), "sources.etcd.lease_ttl"),
+        (("-c", str(tmp_path / "missing.toml")), "missing.toml"),
+    ]:
+        out = run_cli("leave", *args)
+        assert out.returncode == 2, (args, out.stdout, out.stderr)
+        assert expected in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+        assert "Traceback" not in out.stderr

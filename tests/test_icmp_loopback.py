@@ -38,7 +38,7 @@ async def test_loopback_peers_answer_with_sane_rtts(probe: IcmpProbe) -> None:
         result = await _probe(probe, address)
         assert result.ok, result.error
         assert result.rtt is not None and 0 < result.rtt < 0.05
-        assert result.details == {"sent": 1, "received": 1, "loss_pct": 0.0, "late": 0}
+        assert result.details == {"sent": 1, "received": 1, "echo_loss_pct": 0.0, "late": 0}
 
 
 async def test_ipv6_loopback_answers(probe: IcmpProbe) -> None:
@@ -66,7 +66,7 @@ async def test_a_burst_reports_sent_received_and_loss() -> None:
             result = await p.probe(_path("127.0.0.1"), 1.0)
             took = anyio.current_time() - started
     assert result.ok
-    assert result.details == {"sent": 4, "received": 4, "loss_pct": 0.0, "late": 0}
+    assert result.details == {"sent": 4, "received": 4, "echo_loss_pct": 0.0, "late": 0}
     assert took >= 3 * settings.spacing * 0.9  # the requests were spaced, not sent at once
 
 

@@ -185,7 +185,7 @@ def test_dropped_echo_requests_time_out_with_the_timeout_as_error(ns: Netns, mod
     dropped, alive = out["results"]
     assert dropped["ok"] is False
     assert dropped["error"] == "timeout after 300ms"
-    assert dropped["details"]["sent"] == 1 and dropped["details"]["loss_pct"] == 100.0
+    assert dropped["details"]["sent"] == 1 and dropped["details"]["echo_loss_pct"] == 100.0
     assert alive["ok"] is True
 
 
@@ -269,6 +269,21 @@ def test_late_replies_are_not_credited_to_newer_probes(ns: Netns, mode: str) -> 
     assert fourth["ok"] and fourth["details"]["late"] == 0
     assert out["counters"]["late"] == 1
     assert out["counters"]["duplicates"] == 1
+
+
+def test_a_burst_with_lost_echoes_reports_their_loss_percent(ns: Netns) -> None:
+    ns.run("sysctl", "-qw", "net.ipv4.icmp_echo_ignore_all=1")  # the scripted peer answers
+    out = probe_in(ns, {
+        "addresses": ["127.0.0.1", "127.0.0.1"],
+        "timeout": 0.3,
+        "settings": {"count": 4, "spacing": "10ms"},
+        "peer": [{"copies": 1}, {"copies": 0}, {"copies": 1}, {"copies": 0}]
+        + [{"copies": 0}] * 4,
+    })
+    partial, lost = out["results"]
+    assert partial["ok"] is True  # a path answering some echoes is reachable ...
+    assert partial["details"] == {"sent": 4, "received": 2, "echo_loss_pct": 50.0, "late": 0}
+    assert lost["ok"] is False and lost["details"]["echo_loss_pct"] == 100.0  # ... none: not
 
 
 def test_a_non_root_user_probes_with_datagram_sockets(ns: Netns) -> None:

@@ -31,7 +31,7 @@ class IcmpProbe(Probe):
 
     ``probe`` sends ``count`` echo requests ``spacing`` apart and waits until each is
     answered (a reply or an ICMP error) or the timeout passes; the result's RTT is the
-    median of the replies, and ``details`` carries sent / received / loss % and the late
+    median of the replies, and ``details`` carries sent / received / echo_loss_pct and the late
     replies seen from this address since its previous probe.
     """
 
@@ -167,7 +167,7 @@ class IcmpProbe(Probe):
         if endpoint is None:
             return ProbeResult.failure(
                 self.unavailable.get(family, "the icmp probe is not open"),
-                sent=0, received=0, loss_pct=100.0, late=0,
+                sent=0, received=0, echo_loss_pct=100.0, late=0,
             )
         try:
             sockaddr = endpoint.sockaddr(path.address)
@@ -202,12 +202,12 @@ class IcmpProbe(Probe):
         loss = round(100.0 * (sent - received) / sent, 2) if sent else 100.0
         if rtts:
             return ProbeResult.success(
-                _median(rtts), sent=sent, received=received, loss_pct=loss, late=late
+                _median(rtts), sent=sent, received=received, echo_loss_pct=loss, late=late
             )
         error = next((e.error for e in burst.echoes if e.error), None)
         return ProbeResult.failure(
             error or f"timeout after {format_duration(timeout)}",
-            sent=sent, received=0, loss_pct=100.0, late=late,
+            sent=sent, received=0, echo_loss_pct=100.0, late=late,
         )
 
 

@@ -18,8 +18,10 @@ import msgspec
 from healthmesh import AgentContext, Snapshot
 from healthmesh.plugins.api.cilium import status_response
 
-#: Before the first round completes, a live snapshot is rebuilt at most this often.
+#: Before the first round completes, a live snapshot is rebuilt at most this often...
 LIVE_TTL = 1.0
+#: ...and at most once per this many times the last build took.
+LIVE_COST_FACTOR = 10.0
 
 
 
@@ -98,6 +100,7 @@ class Views:
         self._current_seq = -1
         self._seq = itertools.count()
         self._live: Rendered | None = None
+        self._live_ttl = LIVE_TTL
         self._live_lock = anyio.Lock()
 
     async def publish(self, snapshot: Snapshot) -> Rendered:
@@ -124,9 +127,12 @@ class Views:
             return self.current
         async with self._live_lock:
             live = self._live
-            if live is None or time.monotonic() - live.built > LIVE_TTL:
+            if live is None or time.monotonic() - live.built > self._live_ttl:
                 # The snapshot is built on the event loop (the state it reads lives there);
-                # only the encoding goes to a thread.
+                # only the encoding goes to a thread. At thousands of peers a build costs
+                # the loop a noticeable time, so rebuilds are spaced to keep that under 10%.
+                t = time.perf_counter()
                 data = self.context.snapshot().data
+                self._live_ttl = max(LIVE_TTL, LIVE_COST_FACTOR * (time.perf_counter() - t))
                 live = self._live = await anyio.to_thread.run_sync(Rendered.build, data)
             return live

@@ -3,8 +3,9 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 # Debian packages the tests and benchmarks drive: namespaces and firewall rules, fping and
-# ApacheBench for side-by-side benchmarks, etcd for the membership tests.
-SYSTEM_PACKAGES := iproute2 iptables fping apache2-utils etcd-server etcd-client procps
+# ApacheBench for side-by-side benchmarks, etcd for the membership tests, openssl for the
+# certificates of the etcd TLS tests.
+SYSTEM_PACKAGES := iproute2 iptables fping apache2-utils etcd-server etcd-client procps openssl
 
 .PHONY: venv system-packages test lint demo bench clean
 

@@ -34,10 +34,15 @@ def test_once_json_matches_the_snapshot_schema(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(proc.stdout)
     jsonschema.validate(doc, SCHEMA)
-    assert doc["summary"] == {"nodes": 5, "reachable": 5, "unreachable": 0, "unknown": 0}
+    summary = {k: doc["summary"][k] for k in ("nodes", "reachable", "unreachable", "unknown")}
+    assert summary == {"nodes": 5, "reachable": 5, "unreachable": 0, "unknown": 0}
     assert doc["nodes"][0]["name"] == "demo-1" and doc["nodes"][0]["local"] is True
     east = node(doc, "demo-5")
     assert east["cluster"] == "east"
+    assert doc["summary"]["clusters"] == {
+        "default": {"nodes": 4, "reachable": 4, "unreachable": 0, "unknown": 0},
+        "east": {"nodes": 1, "reachable": 1, "unreachable": 0, "unknown": 0},
+    }
     demo4 = node(doc, "demo-4")
     assert [(p["role"], p["primary"]) for p in demo4["paths"]] == [
         ("host", True),
@@ -70,6 +75,7 @@ def test_once_table_is_the_default_output(tmp_path: Path) -> None:
     proc = run_cli("run", "-c", str(cfg), "--once", env={"COLUMNS": "120"})
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("Cluster health: 5/5 reachable")
+    assert "  Cluster east: 1/1 reachable" in proc.stdout
     assert "demo-1 (localhost)" in proc.stdout and "east/demo-5" in proc.stdout
 
 

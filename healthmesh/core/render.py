@@ -14,12 +14,20 @@ _STYLE = {"reachable": "green", "unreachable": "bold red", "unknown": "yellow"}
 
 
 def header_line(snap: dict[str, Any]) -> str:
-    """``Cluster health: R/N reachable (timestamp) (Probe interval: 30s)``."""
+    """``Cluster health: R/N reachable (timestamp) (Probe interval: 30s)``.
+
+    With nodes of more than one cluster, one more line per cluster follows the total.
+    """
     s = snap["summary"]
-    return (
+    line = (
         f"Cluster health: {s['reachable']}/{s['nodes']} reachable "
         f"({snap['timestamp']}) (Probe interval: {format_duration(snap['interval_s'])})"
     )
+    clusters = s.get("clusters") or {}
+    if len(clusters) > 1:
+        for name, c in sorted(clusters.items()):
+            line += f"\n  Cluster {name}: {c['reachable']}/{c['nodes']} reachable"
+    return line
 
 
 def display_name(node: dict[str, Any]) -> str:
@@ -66,6 +74,14 @@ def kind_cell(node: dict[str, Any], kind: str) -> Text:
     return Text("-")
 
 
+def heartbeat_cell(node: dict[str, Any]) -> Text:
+    """The agent heartbeat a membership source reported: alive, expired or unknown."""
+    beat = (node.get("info") or {}).get("heartbeat")
+    if beat is None:
+        return Text("-")
+    return Text(str(beat), style={"alive": "green", "expired": "bold red"}.get(beat, "yellow"))
+
+
 def kinds_of(snap: dict[str, Any]) -> list[str]:
     kinds = snap.get("probe_kinds")
     if kinds:
@@ -86,6 +102,9 @@ def summary_table(snap: dict[str, Any]) -> Group:
     kinds = kinds_of(snap)
     for kind in kinds:
         table.add_column(kind, justify="right")
+    heartbeats = any("heartbeat" in (n.get("info") or {}) for n in snap["nodes"])
+    if heartbeats:
+        table.add_column("Agent")
     table.add_column("State")
     for node in snap["nodes"]:
         name = display_name(node) + (" (localhost)" if node.get("local") else "")
@@ -95,6 +114,7 @@ def summary_table(snap: dict[str, Any]) -> Group:
             role_count(node, "host"),
             role_count(node, "endpoint"),
             *(kind_cell(node, k) for k in kinds),
+            *([heartbeat_cell(node)] if heartbeats else []),
             Text(node["state"], style=_STYLE[node["state"]]),
         )
     return Group(Text(header_line(snap)), table)

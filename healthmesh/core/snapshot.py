@@ -23,6 +23,7 @@ def build_snapshot(
     """The agent's current view: every node, path and kind, with summary counts."""
     nodes_out: list[dict[str, Any]] = []
     counts = {"reachable": 0, "unreachable": 0, "unknown": 0}
+    clusters: dict[str, dict[str, int]] = {}
     local_id = membership.local.id
     for node in membership.nodes():
         paths_out: list[dict[str, Any]] = []
@@ -45,6 +46,11 @@ def build_snapshot(
             )
         state = combine(states)
         counts[state.value] += 1
+        per = clusters.setdefault(
+            node.cluster, {"nodes": 0, "reachable": 0, "unreachable": 0, "unknown": 0}
+        )
+        per["nodes"] += 1
+        per[state.value] += 1
         nodes_out.append(
             {
                 "name": node.name,
@@ -61,7 +67,7 @@ def build_snapshot(
         "timestamp": rfc3339(timestamp or time.time()),
         "interval_s": float(probing.interval),
         "local": {"name": membership.local.name, "cluster": membership.local.cluster},
-        "summary": {"nodes": len(nodes_out), **counts},
+        "summary": {"nodes": len(nodes_out), **counts, "clusters": clusters},
         "nodes": nodes_out,
         "sources": {
             name: {"nodes": st.nodes, "stale": st.stale, "reason": st.reason}

@@ -24,7 +24,9 @@ class Netns:
     """One network namespace made by the test itself, with loopback up."""
 
     def __init__(self, name: str | None = None) -> None:
-        self.name = name or PREFIX + uuid.uuid4().hex[:8]
+        # The creating process's pid is in the name, so that a later run cleans up only
+        # namespaces whose creator is gone (never those of a test session still running).
+        self.name = name or f"{PREFIX}{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
     def create(self) -> Netns:
         sh("ip", "netns", "add", self.name)
@@ -62,12 +64,16 @@ def netns() -> Iterator[Netns]:
 
 
 def cleanup_leftovers() -> None:
-    """Delete namespaces left by a killed earlier run."""
+    """Delete namespaces left by a killed earlier run (their creating process is gone)."""
     out = sh("ip", "netns", "list", check=False).stdout
     for line in out.splitlines():
         name = line.split()[0] if line.split() else ""
-        if name.startswith(PREFIX):
-            Netns(name).delete()
+        if not name.startswith(PREFIX):
+            continue
+        pid = name[len(PREFIX):].split("-")[0]
+        if pid.isdigit() and os.path.exists(f"/proc/{pid}"):
+            continue
+        Netns(name).delete()
 
 
 def have_root_net() -> str | None:

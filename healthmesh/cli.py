@@ -92,7 +92,7 @@ def run(config_path: str, once: bool, output: str | None, log_level: str | None)
     setup_logging(log_level or config.core.log.level)
     try:
         agent = Agent(config, registry, once=once, console=output or "table")
-        code = anyio.run(agent.run, backend="asyncio")
+        code = anyio.run(agent.run, backend="asyncio", backend_options=loop_options())
     except StartupError as exc:
         fail(str(exc))
     except BaseExceptionGroup as group:  # noqa: F821 - builtin on 3.11+, exceptiongroup on 3.10
@@ -103,6 +103,18 @@ def run(config_path: str, once: bool, output: str | None, log_level: str | None)
     except KeyboardInterrupt:
         code = 0
     sys.exit(code)
+
+
+def loop_options() -> dict[str, Any]:
+    """uvloop when installed (about 15 % less CPU per probe, docs/http.md), unless
+    HEALTHMESH_LOOP=asyncio asks for the standard event loop."""
+    if os.environ.get("HEALTHMESH_LOOP", "auto") == "asyncio":
+        return {}
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return {}
+    return {"use_uvloop": True}
 
 
 def _find(group: BaseException, cls: type[BaseException]) -> BaseException | None:

@@ -83,7 +83,8 @@ def test_status_answers_within_1s_of_start_with_500_of_1000_peers_blackholed(
             deadline = time.monotonic() + 30
             summary: dict[str, int] = {}
             while time.monotonic() < deadline:
-                summary = c.get("/v1/status").json()["summary"]
+                full = c.get("/v1/status").json()["summary"]
+                summary = {k: full[k] for k in ("nodes", "reachable", "unreachable", "unknown")}
                 if summary["unreachable"] == 500 and summary["reachable"] == 501:
                     break
                 time.sleep(0.25)

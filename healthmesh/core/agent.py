@@ -115,7 +115,11 @@ class Agent:
     # -- AgentContext -------------------------------------------------------------------
 
     def snapshot(self) -> Snapshot:
-        """The current state of every node."""
+        """The current state of every node, timestamped with the last completed round."""
+        rnd = self._last_round
+        return self._build_snapshot(None if rnd is None else rnd.started_wall)
+
+    def _build_snapshot(self, timestamp: float | None) -> Snapshot:
         rnd = self._last_round
         extra: dict[str, Any] = {
             "round": {
@@ -131,20 +135,14 @@ class Agent:
             self.store,
             sorted(self.probes),
             self.config.probing,
-            timestamp=None if rnd is None else rnd.started_wall,
+            timestamp=timestamp,
             extra=extra,
         )
 
     async def probe_round(self) -> Snapshot:
-        """Probe every path now and return the fresh snapshot."""
+        """Probe every path now and return the fresh snapshot (timestamped now)."""
         await self.scheduler.probe_all()
-        return build_snapshot(
-            self.membership,
-            self.store,
-            sorted(self.probes),
-            self.config.probing,
-            extra={"probe_kinds": sorted(self.probes)},
-        )
+        return self._build_snapshot(time.time())
 
     def plugins(self) -> list[dict[str, Any]]:
         return self.registry.listing()

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from loguru import logger
 
-from healthmesh.core.model import Node
+from healthmesh.core.model import Node, Path
 
 
 @dataclass
@@ -49,6 +49,7 @@ class Membership:
     status: dict[str, SourceStatus] = field(default_factory=dict)
     _merged: dict[str, Node] = field(default_factory=dict)
     _origin: dict[str, str] = field(default_factory=dict)
+    _paths: dict[tuple[Node, bool, bool], list[Path]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._merged = {self.local.id: self.local}
@@ -106,6 +107,16 @@ class Membership:
         self._merged, self._origin = merged, origin
         if changed:
             self.on_change()
+
+    def paths_of(self, node: Node, *, host: bool, endpoint: bool) -> list[Path]:
+        """``node.paths(...)``, cached per node value (snapshots ask for all of them often)."""
+        key = (node, host, endpoint)
+        cached = self._paths.get(key)
+        if cached is None:
+            if len(self._paths) > 4 * len(self._merged) + 64:
+                self._paths.clear()  # drop entries of nodes that changed or left
+            cached = self._paths[key] = node.paths(host=host, endpoint=endpoint)
+        return cached
 
     def nodes(self) -> list[Node]:
         """Every node, the local one first, the rest ordered by cluster and name."""

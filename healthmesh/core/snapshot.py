@@ -28,7 +28,7 @@ def build_snapshot(
     for node in membership.nodes():
         paths_out: list[dict[str, Any]] = []
         states: list[PathState] = []
-        for path in node.paths(host=probing.host, endpoint=probing.endpoint):
+        for path in membership.paths_of(node, host=probing.host, endpoint=probing.endpoint):
             probes: dict[str, Any] = {}
             for kind in kinds:
                 view = store.view(path.key, kind)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import time
 from collections import deque
 from collections.abc import Iterable
@@ -42,6 +43,12 @@ class KindState:
     failures: int = 0
     history: deque[tuple[bool, float | None]] = field(default_factory=deque)
     detail_history: dict[str, deque[float]] = field(default_factory=dict)
+    # Running aggregates of the window, so statistics cost O(1) to read at any scale:
+    # the successful RTTs kept sorted, their sum, the count of losses, detail sums.
+    _sorted_rtts: list[float] = field(default_factory=list, repr=False)
+    _rtt_sum: float = 0.0
+    _lost: int = 0
+    _detail_sums: dict[str, float] = field(default_factory=dict, repr=False)
 
     def record(self, result: ProbeResult) -> bool:
         """Fold one result in; return True when the state changed.
@@ -58,13 +65,15 @@ class KindState:
         if not stale:
             self.last = result
         self.probes += 1
-        self.history.append((result.ok, result.rtt))
-        if len(self.history) > self.window:
-            self.history.popleft()
+        self._push(result.ok, result.rtt)
         for key, value in result.details.items():
             if isinstance(value, (int, float)) and not isinstance(value, bool):
-                dq = self.detail_history.setdefault(key, deque(maxlen=self.window))
+                dq = self.detail_history.setdefault(key, deque())
                 dq.append(float(value))
+                total = self._detail_sums.get(key, 0.0) + float(value)
+                if len(dq) > self.window:
+                    total -= dq.popleft()
+                self._detail_sums[key] = total
         if result.ok:
             self.last_ok = result
             self.consecutive_failures = 0
@@ -86,14 +95,29 @@ class KindState:
             return True
         return False
 
+    def _push(self, ok: bool, rtt: float | None) -> None:
+        self.history.append((ok, rtt))
+        if ok and rtt is not None:
+            bisect.insort(self._sorted_rtts, rtt)
+            self._rtt_sum += rtt
+        elif not ok:
+            self._lost += 1
+        if len(self.history) > self.window:
+            old_ok, old_rtt = self.history.popleft()
+            if old_ok and old_rtt is not None:
+                del self._sorted_rtts[bisect.bisect_left(self._sorted_rtts, old_rtt)]
+                self._rtt_sum -= old_rtt
+            elif not old_ok:
+                self._lost -= 1
+
     def stats(self) -> dict[str, Any]:
         """Rolling statistics over the window: RTTs in ms, loss in percent."""
-        rtts = sorted(r for ok, r in self.history if ok and r is not None)
+        rtts = self._sorted_rtts
         n = len(self.history)
-        lost = sum(1 for ok, _ in self.history if not ok)
+        lost = self._lost
         out: dict[str, Any] = {
             "min_ms": _ms(rtts[0]) if rtts else None,
-            "avg_ms": _ms(sum(rtts) / len(rtts)) if rtts else None,
+            "avg_ms": _ms(max(self._rtt_sum, 0.0) / len(rtts)) if rtts else None,
             "max_ms": _ms(rtts[-1]) if rtts else None,
             "p50_ms": _ms(_quantile(rtts, 0.5)) if rtts else None,
             "p95_ms": _ms(_quantile(rtts, 0.95)) if rtts else None,
@@ -104,7 +128,7 @@ class KindState:
         }
         for key, values in self.detail_history.items():
             if values:
-                out[f"{key}_avg"] = round(sum(values) / len(values), 3)
+                out[f"{key}_avg"] = round(self._detail_sums[key] / len(values), 3)
         return out
 
     def as_dict(self) -> dict[str, Any]:
@@ -196,7 +220,9 @@ class StateStore:
         if st is None:
             return None
         st.record(result)
-        self._cache.pop((key, kind), None)
+        # Render the JSON view now, while results trickle in, rather than all 10,000s of
+        # them at once when the snapshot is built at the end of a round.
+        self._cache[(key, kind)] = st.as_dict()
         return st
 
     def get(self, key: tuple[str, str, str], kind: str) -> KindState | None:

@@ -99,6 +99,10 @@ class ApiOutput(Output):
     async def round_completed(self, snapshot: Snapshot) -> None:
         await self.views.publish(snapshot)
 
+    async def state_changed(self, snapshot: Snapshot) -> None:
+        # Serve a decided failure (or recovery) at once, not at the end of the round.
+        await self.views.publish(snapshot)
+
 
 def _uvicorn_config(app: ApiApp) -> Any:
     import uvicorn

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import statistics
 from pathlib import Path
 from typing import Any
@@ -70,10 +69,11 @@ def test_100_dead_peers_do_not_delay_100_live_ones(tmp_path: Path, ns: Netns) ->
     bound = INTERVAL + TIMEOUT + 0.1
     for doc in loaded[1:]:
         assert doc["round"]["duration_s"] <= bound, doc["round"]
-    # Every live path was probed once per round, on schedule.
-    for before, after in itertools.pairwise(loaded[1:]):
-        grew = [b - a for a, b in zip(samples(before, "live"), samples(after, "live"))]
-        assert set(grew) <= {1, 2} and sum(grew) >= len(grew), grew
+    # Every live path was probed once per round, on schedule. (A snapshot may already hold
+    # a result of the next round, so count over three rounds rather than per round.)
+    first, last = loaded[1], loaded[-1]
+    grew = [b - a for a, b in zip(samples(first, "live"), samples(last, "live"))]
+    assert len(grew) == 200 and set(grew) <= {2, 3, 4}, grew
     last = loaded[-1]
     assert last["summary"]["unreachable"] == 100 and last["summary"]["reachable"] == 101
     for n in last["nodes"]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import anyio
@@ -96,6 +96,25 @@ class Probe(Component):
         turned into a failed result with the exception's text.
         """
         raise NotImplementedError
+
+    #: True when ``probe_many`` is cheaper than one ``probe`` task per path: the scheduler
+    #: then hands the kind every path that falls due in one tick in a single call.
+    batched: ClassVar[bool] = False
+
+    async def probe_many(self, paths: Sequence[Path], timeout: float) -> list[ProbeResult]:
+        """Probe many paths at once; results in the order of ``paths``.
+
+        Used only when ``batched`` is true. The default runs ``probe`` concurrently.
+        """
+        results: list[ProbeResult] = [ProbeResult.failure("not probed")] * len(paths)
+
+        async def one(i: int, path: Path) -> None:
+            results[i] = await self.probe(path, timeout)
+
+        async with anyio.create_task_group() as tg:
+            for i, path in enumerate(paths):
+                tg.start_soon(one, i, path)
+        return results
 
 
 class SourceFeed(Protocol):

@@ -135,6 +135,8 @@ class ProbingSettings(Settings):
     confirm_probes: int = 8
     confirm_spacing: Duration = Duration(0.025)
     jitter: float = 0.1
+    #: Probes falling due within one tick start together, from one wake-up of the agent.
+    tick: Duration = Duration(0.02)
     max_rate: float = 1000.0
     window: int = 100
     host: bool = True
@@ -256,6 +258,7 @@ def _check_core(raw: RawConfig) -> None:
         (not 0 <= p.confirm_probes <= 100, "probing.confirm_probes: must be between 0 and 100"),
         (p.confirm_spacing < 0, "probing.confirm_spacing: must not be negative"),
         (not 0 <= p.jitter <= 0.5, "probing.jitter: must be between 0 and 0.5"),
+        (not 0 <= p.tick <= 1.0, "probing.tick: must be between 0s and 1s"),
         (p.max_rate <= 0, "probing.max_rate: must be greater than zero"),
         (not 2 <= p.window <= 100_000, "probing.window: must be between 2 and 100000"),
         (not n.addresses, "node.addresses: at least one address of this node is required"),

@@ -16,6 +16,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
@@ -174,13 +175,29 @@ class Scheduler:
     async def _walk(
         self, order: list[Slot], start: float, spacing: float, rnd: RoundInfo | None
     ) -> None:
+        """Start ``order`` one every ``spacing`` seconds (jittered), a tick's worth at a time.
+
+        Slots falling due within one ``tick`` of each other start together, from one
+        wake-up; a batched kind gets them in one ``probe_many`` call. Waking once per
+        probe is what costs CPU at thousands of probes per second, not the probes.
+        """
         jitter = self.probing.jitter
-        for i, slot in enumerate(order):
-            due = start + (i + (random.uniform(-jitter, jitter) if i else 0.0)) * spacing
-            await _sleep_until(due)
-            if slot.removed:
-                continue
-            self._launch(slot, rnd)
+        tick = self.probing.tick
+        n = len(order)
+        dues = [
+            start + (i + (random.uniform(-jitter, jitter) if i else 0.0)) * spacing
+            for i in range(n)
+        ]
+        i = 0
+        while i < n:
+            await _sleep_until(dues[i])
+            horizon = max(anyio.current_time(), dues[i]) + tick
+            batch: list[Slot] = []
+            while i < n and dues[i] < horizon:
+                if not order[i].removed:
+                    batch.append(order[i])
+                i += 1
+            self._launch_batch(batch, rnd)
 
     async def _prompt_loop(self) -> None:
         gap = 1.0 / self.probing.max_rate
@@ -191,20 +208,42 @@ class Scheduler:
             batch.sort(key=lambda s: s.order)
             await self._walk(batch, anyio.current_time(), gap, None)
 
-    def _launch(self, slot: Slot, rnd: RoundInfo | None, *, confirm: bool = False) -> None:
+    def _launch_batch(self, slots: list[Slot], rnd: RoundInfo | None) -> None:
+        """Start probes of ``slots``: one task per batched kind, else one per slot."""
         assert self._tg is not None
-        self._inflight[slot.key] = self._inflight.get(slot.key, 0) + 1
-        self._tg.start_soon(self._probe_task, slot, rnd, confirm)
+        by_kind: dict[str, list[Slot]] = {}
+        for slot in slots:
+            self._inflight[slot.key] = self._inflight.get(slot.key, 0) + 1
+            if self.probes[slot.kind].batched:
+                by_kind.setdefault(slot.kind, []).append(slot)
+            else:
+                self._tg.start_soon(self._probe_task, slot, rnd)
+        for kind, group in by_kind.items():
+            self._tg.start_soon(self._probe_batch_task, kind, group, rnd)
 
-    async def _probe_task(self, slot: Slot, rnd: RoundInfo | None, confirm: bool) -> None:
+    async def _probe_task(self, slot: Slot, rnd: RoundInfo | None) -> None:
+        result: ProbeResult | None = None
         try:
             result = await self.probe_once(slot.path, slot.kind)
-            if slot.removed:
+        finally:
+            self._settle(slot, result, rnd)
+
+    async def _probe_batch_task(self, kind: str, slots: list[Slot], rnd: RoundInfo | None) -> None:
+        results: list[ProbeResult] | None = None
+        try:
+            results = await self.probe_batch([s.path for s in slots], kind)
+        finally:
+            for i, slot in enumerate(slots):
+                self._settle(slot, None if results is None else results[i], rnd)
+
+    def _settle(self, slot: Slot, result: ProbeResult | None, rnd: RoundInfo | None) -> None:
+        """Record a scheduled probe's result, start a confirmation on a fresh failure."""
+        try:
+            if result is None or slot.removed:
                 return
             state = self._record(slot, result)
             if (
                 not result.ok
-                and not confirm
                 and not slot.confirming
                 and state is not None
                 and state.state is not PathState.UNREACHABLE
@@ -278,22 +317,46 @@ class Scheduler:
 
     async def probe_once(self, path: Path, kind: str) -> ProbeResult:
         """Run one probe under its timeout; an exception or overrun becomes a failed result."""
+        return (await self._bounded(kind, [path], single=True))[0]
+
+    async def probe_batch(self, paths: list[Path], kind: str) -> list[ProbeResult]:
+        """``probe_many`` of a batched kind, bounded and isolated like ``probe_once``."""
+        return await self._bounded(kind, paths, single=False)
+
+    async def _bounded(self, kind: str, paths: list[Path], *, single: bool) -> list[ProbeResult]:
         probe = self.probes[kind]
         timeout = self.probing.timeout
         started = time.time()
+        results: list[Any]
         try:
             with anyio.move_on_after(timeout + GRACE) as scope:
-                result = await probe.probe(path, timeout)
+                if single:
+                    results = [await probe.probe(paths[0], timeout)]
+                else:
+                    results = list(await probe.probe_many(paths, timeout))
             if scope.cancelled_caught:
-                result = ProbeResult.failure(f"timeout after {format_duration(timeout)}")
-            elif not isinstance(result, ProbeResult):
-                result = ProbeResult.failure(f"{kind} probe returned {type(result).__name__}")
+                results = [ProbeResult.failure(f"timeout after {format_duration(timeout)}")]
+                results *= len(paths)
+            elif len(results) != len(paths):
+                results = [ProbeResult.failure(f"{kind} probe returned {len(results)} results")]
+                results *= len(paths)
         except anyio.get_cancelled_exc_class():
             raise
         except Exception as exc:  # a plugin's bug is a failed probe, never a dead agent
-            logger.opt(exception=exc).debug("{} probe of {} raised", kind, path.address)
-            result = ProbeResult.failure(f"{kind} probe raised {type(exc).__name__}: {exc}")
-        return replace(result, started_at=started, finished_at=time.time())
+            logger.opt(exception=exc).debug("{} probe of {} raised", kind, paths[0].address)
+            results = [ProbeResult.failure(f"{kind} probe raised {type(exc).__name__}: {exc}")]
+            results *= len(paths)
+        finished = time.time()
+        return [
+            replace(r, started_at=started, finished_at=finished)
+            if isinstance(r, ProbeResult)
+            else replace(
+                ProbeResult.failure(f"{kind} probe returned {type(r).__name__}"),
+                started_at=started,
+                finished_at=finished,
+            )
+            for r in results
+        ]
 
     def _done(self, key: SlotKey) -> None:
         left = self._inflight.get(key, 1) - 1

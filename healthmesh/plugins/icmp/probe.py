@@ -38,6 +38,8 @@ class IcmpProbe(Probe):
     name: ClassVar[str] = "icmp"
     default_enabled: ClassVar[bool] = True
     Settings: ClassVar[type[IcmpSettings]] = IcmpSettings
+    #: The scheduler hands us every path due in one tick: one task sends all the echoes.
+    batched: ClassVar[bool] = True
 
     def __init__(self, settings: IcmpSettings, context: AgentContext | None) -> None:
         super().__init__(settings, context)

@@ -177,6 +177,82 @@ async def healthmesh_round(variant: str, addresses: list[str], pacing: str, roun
                       "errors": errors})
 
 
+async def scheduler_round(addresses: list[str], pacing: str, round_s: float, timeout: float,
+                          tick: float) -> dict[str, Any]:
+    """One round through the agent's own Scheduler (ticks, probe_many), CPU of that round."""
+    import anyio
+    from loguru import logger
+
+    from healthmesh import Duration, Path
+    from healthmesh.core.config import ProbingSettings
+    from healthmesh.core.scheduler import RoundInfo, Scheduler
+    from healthmesh.core.state import StateStore
+    from healthmesh.plugins.icmp import IcmpProbe, IcmpSettings
+
+    logger.remove()  # the scheduler logs every state change; not part of the measurement
+    paths = [Path(f"peer{i}", a, "host", True) for i, a in enumerate(addresses)]
+    n = len(paths)
+    probing = ProbingSettings(
+        interval=Duration(round_s), timeout=Duration(timeout), tick=Duration(tick),
+        max_rate=1e9 if pacing == "all-at-once" else 1000.0,
+    )
+    store = StateStore(9, 100)
+    marks: dict[str, float] = {}
+    done = anyio.Event()
+
+    async def on_round(rnd: RoundInfo) -> None:
+        if rnd.number == 1:
+            marks["cpu"] = cpu_now() - marks["cpu0"]
+            marks["wall"] = rnd.duration or 0.0
+            done.set()
+
+    async with IcmpProbe(IcmpSettings(), None) as probe:  # type: ignore[arg-type]
+        sched = Scheduler(probing, {"icmp": probe}, store, seed="bench", on_round=on_round)
+        sched.set_paths(paths)
+        async with anyio.create_task_group() as tg:
+            await tg.start(lambda task_status: sched.run(rounds=False, task_status=task_status))
+            await sched.probe_all()  # first contact, not measured
+            await anyio.sleep(0.2)
+            if pacing == "all-at-once":
+                marks["cpu0"] = cpu_now()
+                start = anyio.current_time()
+                await sched.probe_all()
+                marks["cpu"] = cpu_now() - marks["cpu0"]
+                marks["wall"] = anyio.current_time() - start
+            tg.cancel_scope.cancel()
+        if pacing != "all-at-once":
+            # Round 0 runs at max_rate; round 1 is the steady, paced round that is measured.
+            async with anyio.create_task_group() as tg:
+                sched2 = Scheduler(probing, {"icmp": probe}, store, seed="bench",
+                                   on_round=on_round)
+                sched2.set_paths(paths)
+                marks["cpu0"] = 0.0
+
+                async def mark_start() -> None:
+                    while not sched2.rounds or sched2.rounds[-1].number < 1:
+                        await anyio.sleep(0.001)
+                    marks["cpu0"] = cpu_now()
+
+                tg.start_soon(sched2.run)
+                await mark_start()
+                with anyio.fail_after(round_s + timeout + 30):
+                    await done.wait()
+                tg.cancel_scope.cancel()
+        mode = probe.mode
+    rtts: list[float] = []
+    dead = 0
+    for path in paths:
+        st = store.get(path.key, "icmp")
+        last = None if st is None else st.last
+        if last is not None and last.ok and last.rtt is not None:
+            rtts.append(last.rtt * 1000.0)
+        else:
+            dead += 1
+    row = summarize("healthmesh icmp (agent Scheduler)", pacing, n, rtts, marks["cpu"],
+                    marks["wall"], {"variant": "scheduler", "socket": mode, "tick_s": tick})
+    return row
+
+
 def combine(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Several runs of one case as one row: the median of each figure, the worst dead count."""
     if len(rows) == 1:
@@ -191,11 +267,11 @@ def combine(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def run_healthmesh(variant: str, n: int, pacing: str, round_s: float, timeout: float,
-                   tick: float) -> dict[str, Any]:
+                   tick: float, sched_tick: float = 0.05) -> dict[str, Any]:
     """Run one healthmesh round in a fresh worker process and read its JSON row."""
     cmd = [sys.executable, str(FsPath(__file__).resolve()), "--worker", variant,
            "--peers", str(n), "--pacing", pacing, "--round", str(round_s),
-           "--timeout", str(timeout), "--tick", str(tick)]
+           "--timeout", str(timeout), "--tick", str(tick), "--sched-tick", str(sched_tick)]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
                           timeout=round_s + timeout + 120)
     if proc.returncode != 0:
@@ -258,8 +334,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="batching tick of the probe_many variant, s")
     ap.add_argument("--pacing", default="paced,all-at-once",
                     help="comma-separated: paced, all-at-once")
-    ap.add_argument("--variants", default="batched,tasks",
-                    help="healthmesh variants: batched (probe_many), tasks (probe per task)")
+    ap.add_argument("--variants", default="scheduler,batched,tasks",
+                    help="healthmesh variants: scheduler (the agent's own Scheduler and "
+                    "its ticks), batched (probe_many), tasks (probe per task)")
+    ap.add_argument("--sched-tick", type=float, default=0.05,
+                    help="the scheduler variant's tick ([probing] tick), s")
     ap.add_argument("--repeat", type=int, default=3,
                     help="runs of each all-at-once case (the median is shown); paced run once")
     ap.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
@@ -268,6 +347,11 @@ def main(argv: list[str] | None = None) -> int:
     counts = [int(x) for x in args.peers.split(",")]
     pacings = args.pacing.split(",")
 
+    if args.worker == "scheduler":
+        row = asyncio.run(scheduler_round(peer_addresses(counts[0]), pacings[0], args.round,
+                                          args.timeout, args.sched_tick))
+        print(json.dumps(row))
+        return 0
     if args.worker:
         row = asyncio.run(healthmesh_round(args.worker, peer_addresses(counts[0]), pacings[0],
                                            args.round, args.timeout, args.tick))
@@ -291,7 +375,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{n} {pacing} fping done", file=sys.stderr)
             for variant in args.variants.split(","):
                 rows.append(combine([
-                    run_healthmesh(variant, n, pacing, args.round, args.timeout, args.tick)
+                    run_healthmesh(variant, n, pacing, args.round, args.timeout, args.tick,
+                                   args.sched_tick)
                     for _ in range(runs)
                 ]))
                 print(f"{n} {pacing} healthmesh {variant} done", file=sys.stderr)

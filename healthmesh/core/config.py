@@ -136,7 +136,7 @@ class ProbingSettings(Settings):
     confirm_spacing: Duration = Duration(0.025)
     jitter: float = 0.1
     #: Probes falling due within one tick start together, from one wake-up of the agent.
-    tick: Duration = Duration(0.02)
+    tick: Duration = Duration(0.05)
     max_rate: float = 1000.0
     window: int = 100
     host: bool = True

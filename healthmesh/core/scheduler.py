@@ -182,7 +182,9 @@ class Scheduler:
         probe is what costs CPU at thousands of probes per second, not the probes.
         """
         jitter = self.probing.jitter
-        tick = self.probing.tick
+        # Merge starts only when they are closer together than a tick: at a few probes a
+        # second every probe keeps its own evenly spaced start.
+        tick = self.probing.tick if spacing < self.probing.tick else 0.0
         n = len(order)
         dues = [
             start + (i + (random.uniform(-jitter, jitter) if i else 0.0)) * spacing

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+import math
 import time
 from collections import deque
 from collections.abc import Iterable
@@ -12,16 +13,22 @@ from typing import Any
 
 from healthmesh.core.model import PathState, ProbeResult
 
+_SECOND: list[Any] = [None, ""]  # the last whole second formatted, and its text
+
 
 def rfc3339(ts: float | None) -> str | None:
-    """Seconds since the epoch as an RFC 3339 UTC timestamp (None stays None)."""
+    """Seconds since the epoch as an RFC 3339 UTC timestamp with milliseconds (None stays None).
+
+    Called for every result; the date and time up to the second are formatted once per second.
+    """
     if ts is None or ts == 0:
         return None
-    return (
-        datetime.fromtimestamp(ts, timezone.utc)
-        .isoformat(timespec="milliseconds")
-        .replace("+00:00", "Z")
-    )
+    sec = math.floor(ts)
+    if _SECOND[0] != sec:
+        _SECOND[1] = datetime.fromtimestamp(sec, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
+        _SECOND[0] = sec
+    ms = min(int((ts - sec) * 1000.0), 999)
+    return f"{_SECOND[1]}.{ms:03d}Z"
 
 
 @dataclass
@@ -114,43 +121,51 @@ class KindState:
         """Rolling statistics over the window: RTTs in ms, loss in percent."""
         rtts = self._sorted_rtts
         n = len(self.history)
-        lost = self._lost
-        out: dict[str, Any] = {
-            "min_ms": _ms(rtts[0]) if rtts else None,
-            "avg_ms": _ms(max(self._rtt_sum, 0.0) / len(rtts)) if rtts else None,
-            "max_ms": _ms(rtts[-1]) if rtts else None,
-            "p50_ms": _ms(_quantile(rtts, 0.5)) if rtts else None,
-            "p95_ms": _ms(_quantile(rtts, 0.95)) if rtts else None,
-            "loss_pct": round(100.0 * lost / n, 2) if n else None,
-            "samples": n,
-            "consecutive_failures": self.consecutive_failures,
-            "last_change": rfc3339(self.last_change),
-        }
+        k = len(rtts)
+        out: dict[str, Any]
+        if k:
+            out = {
+                "min_ms": round(rtts[0] * 1000.0, 3),
+                "avg_ms": round(max(self._rtt_sum, 0.0) / k * 1000.0, 3),
+                "max_ms": round(rtts[-1] * 1000.0, 3),
+                "p50_ms": round(_quantile(rtts, 0.5) * 1000.0, 3),
+                "p95_ms": round(_quantile(rtts, 0.95) * 1000.0, 3),
+            }
+        else:
+            out = dict.fromkeys(("min_ms", "avg_ms", "max_ms", "p50_ms", "p95_ms"))
+        out["loss_pct"] = round(100.0 * self._lost / n, 2) if n else None
+        out["samples"] = n
+        out["consecutive_failures"] = self.consecutive_failures
+        out["last_change"] = rfc3339(self.last_change)
         for key, values in self.detail_history.items():
             if values:
-                out[f"{key}_avg"] = round(self._detail_sums[key] / len(values), 3)
+                out[key + "_avg"] = round(self._detail_sums[key] / len(values), 3)
         return out
 
     def as_dict(self) -> dict[str, Any]:
         """The JSON form of DESIGN.md's per-kind probe entry."""
         last = self.last
-        out: dict[str, Any] = {
-            "state": self.state.value,
-            "rtt_ms": _ms(last.rtt)
-            if last is not None and last.ok and last.rtt is not None
-            else None,
-            "error": last.error if last is not None and not last.ok else None,
-            "last_probed": rfc3339(last.started_at) if last is not None else None,
-        }
+        if last is None:
+            out: dict[str, Any] = {
+                "state": self.state.value,
+                "rtt_ms": None,
+                "error": None,
+                "last_probed": None,
+            }
+        else:
+            ok = last.ok
+            out = {
+                "state": self.state.value,
+                "rtt_ms": round(last.rtt * 1000.0, 3) if ok and last.rtt is not None else None,
+                "error": None if ok else last.error,
+                "last_probed": rfc3339(last.started_at),
+            }
         out.update(self.stats())
         if last is not None:
             for key, value in last.details.items():
-                out.setdefault(key, round(value, 3) if isinstance(value, float) else value)
+                if key not in out:
+                    out[key] = round(value, 3) if isinstance(value, float) else value
         return out
-
-
-def _ms(seconds: float | None) -> float | None:
-    return None if seconds is None else round(seconds * 1000.0, 3)
 
 
 def _quantile(sorted_values: list[float], q: float) -> float:

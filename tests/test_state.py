@@ -57,12 +57,13 @@ def test_loss_percent_and_consecutive_failures() -> None:
     assert st.stats()["consecutive_failures"] == 2
 
 
-def test_numeric_details_become_averages() -> None:
+def test_float_details_become_averages_and_counts_do_not() -> None:
     st = fresh()
-    st.record(ProbeResult.success(0.002, connect_ms=1.0))
-    st.record(ProbeResult.success(0.002, connect_ms=3.0))
+    st.record(ProbeResult.success(0.002, connect_ms=1.0, sent=1))
+    st.record(ProbeResult.success(0.002, connect_ms=3.0, sent=1))
     view = st.as_dict()
     assert view["connect_ms_avg"] == 2.0
+    assert "sent_avg" not in view and view["sent"] == 1
     assert view["rtt_ms"] == 2.0 and view["error"] is None
 
 

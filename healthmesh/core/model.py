@@ -87,7 +87,7 @@ class ProbeResult:
     """The outcome of one probe: ``ok``, round-trip time in seconds, error text, details.
 
     ``details`` carries kind-specific measurements (for example ``connect_ms`` and
-    ``ttfb_ms`` for HTTP, ``sent``/``received`` for an ICMP burst); numeric values are
+    ``ttfb_ms`` for HTTP, ``sent``/``received`` for an ICMP burst); float values are
     folded into the path's rolling statistics as ``<key>_avg``.
     """
 

@@ -15,7 +15,7 @@ import math
 import random
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
@@ -349,13 +349,12 @@ class Scheduler:
             results = [ProbeResult.failure(f"{kind} probe raised {type(exc).__name__}: {exc}")]
             results *= len(paths)
         finished = time.time()
+        # Built directly rather than with dataclasses.replace: this runs for every probe.
         return [
-            replace(r, started_at=started, finished_at=finished)
+            ProbeResult(r.ok, r.rtt, r.error, r.details, started, finished)
             if isinstance(r, ProbeResult)
-            else replace(
-                ProbeResult.failure(f"{kind} probe returned {type(r).__name__}"),
-                started_at=started,
-                finished_at=finished,
+            else ProbeResult(
+                False, None, f"{kind} probe returned {type(r).__name__}", {}, started, finished
             )
             for r in results
         ]

@@ -74,10 +74,12 @@ class KindState:
         self.probes += 1
         self._push(result.ok, result.rtt)
         for key, value in result.details.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                dq = self.detail_history.setdefault(key, deque())
-                dq.append(float(value))
-                total = self._detail_sums.get(key, 0.0) + float(value)
+            if type(value) is float:  # measurements (connect_ms); counts are not averaged
+                dq = self.detail_history.get(key)
+                if dq is None:
+                    dq = self.detail_history[key] = deque()
+                dq.append(value)
+                total = self._detail_sums.get(key, 0.0) + value
                 if len(dq) > self.window:
                     total -= dq.popleft()
                 self._detail_sums[key] = total
@@ -119,20 +121,22 @@ class KindState:
 
     def stats(self) -> dict[str, Any]:
         """Rolling statistics over the window: RTTs in ms, loss in percent."""
+        out: dict[str, Any] = {}
+        self._fill_stats(out)
+        return out
+
+    def _fill_stats(self, out: dict[str, Any]) -> None:
         rtts = self._sorted_rtts
         n = len(self.history)
         k = len(rtts)
-        out: dict[str, Any]
         if k:
-            out = {
-                "min_ms": round(rtts[0] * 1000.0, 3),
-                "avg_ms": round(max(self._rtt_sum, 0.0) / k * 1000.0, 3),
-                "max_ms": round(rtts[-1] * 1000.0, 3),
-                "p50_ms": round(_quantile(rtts, 0.5) * 1000.0, 3),
-                "p95_ms": round(_quantile(rtts, 0.95) * 1000.0, 3),
-            }
+            out["min_ms"] = round(rtts[0] * 1000.0, 3)
+            out["avg_ms"] = round(max(self._rtt_sum, 0.0) / k * 1000.0, 3)
+            out["max_ms"] = round(rtts[-1] * 1000.0, 3)
+            out["p50_ms"] = round(_quantile(rtts, 0.5) * 1000.0, 3)
+            out["p95_ms"] = round(_quantile(rtts, 0.95) * 1000.0, 3)
         else:
-            out = dict.fromkeys(("min_ms", "avg_ms", "max_ms", "p50_ms", "p95_ms"))
+            out["min_ms"] = out["avg_ms"] = out["max_ms"] = out["p50_ms"] = out["p95_ms"] = None
         out["loss_pct"] = round(100.0 * self._lost / n, 2) if n else None
         out["samples"] = n
         out["consecutive_failures"] = self.consecutive_failures
@@ -140,31 +144,23 @@ class KindState:
         for key, values in self.detail_history.items():
             if values:
                 out[key + "_avg"] = round(self._detail_sums[key] / len(values), 3)
-        return out
 
     def as_dict(self) -> dict[str, Any]:
         """The JSON form of DESIGN.md's per-kind probe entry."""
         last = self.last
+        out: dict[str, Any] = {"state": self.state.value}
         if last is None:
-            out: dict[str, Any] = {
-                "state": self.state.value,
-                "rtt_ms": None,
-                "error": None,
-                "last_probed": None,
-            }
+            out["rtt_ms"] = out["error"] = out["last_probed"] = None
         else:
             ok = last.ok
-            out = {
-                "state": self.state.value,
-                "rtt_ms": round(last.rtt * 1000.0, 3) if ok and last.rtt is not None else None,
-                "error": None if ok else last.error,
-                "last_probed": rfc3339(last.started_at),
-            }
-        out.update(self.stats())
+            out["rtt_ms"] = round(last.rtt * 1000.0, 3) if ok and last.rtt is not None else None
+            out["error"] = None if ok else last.error
+            out["last_probed"] = rfc3339(last.started_at)
+        self._fill_stats(out)
         if last is not None:
             for key, value in last.details.items():
                 if key not in out:
-                    out[key] = round(value, 3) if isinstance(value, float) else value
+                    out[key] = round(value, 3) if type(value) is float else value
         return out
 
 

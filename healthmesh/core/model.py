@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import functools
 import ipaddress
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -71,7 +72,7 @@ class Path:
     primary: bool
     interval: float | None = None
 
-    @property
+    @functools.cached_property
     def key(self) -> tuple[str, str, str]:
         """Identity of the path, independent of whether it is primary."""
         return (self.node_id, self.address, self.role)

@@ -10,6 +10,7 @@ of after ``failure_threshold`` whole intervals. Slots added mid-round are probed
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import random
@@ -44,7 +45,7 @@ class Slot:
     confirming: bool = False
     removed: bool = False
 
-    @property
+    @functools.cached_property
     def key(self) -> SlotKey:
         return (self.path.key, self.kind)
 

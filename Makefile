@@ -2,10 +2,12 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-# Debian packages the tests and benchmarks drive: namespaces and firewall rules, fping and
+# Debian packages: python3-venv for the virtual environment; what the tests and benchmarks
+# drive: namespaces and firewall rules, fping and
 # ApacheBench for side-by-side benchmarks, etcd for the membership tests, openssl for the
 # certificates of the etcd TLS tests.
-SYSTEM_PACKAGES := iproute2 iptables fping apache2-utils etcd-server etcd-client procps openssl
+SYSTEM_PACKAGES := python3-venv iproute2 iptables fping apache2-utils etcd-server etcd-client \
+                   procps openssl
 
 .PHONY: venv system-packages test lint demo bench clean
 
@@ -31,13 +33,13 @@ system-packages:
 lint: venv
 	$(BIN)/ruff check .
 
-test: venv system-packages lint
+test: system-packages venv lint
 	$(BIN)/pytest
 
 demo: venv
 	$(BIN)/healthmesh run -c examples/loopback.toml
 
-bench: venv system-packages
+bench: system-packages venv
 	@mkdir -p bench/results
 	@for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b --json bench/results/$$(basename $$b .py).json || exit 1; done
 

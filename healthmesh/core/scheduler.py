@@ -176,29 +176,44 @@ class Scheduler:
     async def _walk(
         self, order: list[Slot], start: float, spacing: float, rnd: RoundInfo | None
     ) -> None:
-        """Start ``order`` one every ``spacing`` seconds (jittered), a tick's worth at a time.
+        """Start ``order`` one every ``spacing`` seconds (jittered).
 
-        Slots falling due within one ``tick`` of each other start together, from one
-        wake-up; a batched kind gets them in one ``probe_many`` call. Waking once per
-        probe is what costs CPU at thousands of probes per second, not the probes.
+        Slots of batched kinds falling due within one ``tick`` of each other start together,
+        from one wake-up, in one ``probe_many`` call: waking once per probe is what costs
+        CPU at thousands of ICMP probes per second, not the probes. Other kinds keep a start
+        of their own, because a connection-based probe started alongside others measures
+        their queueing too (a tick's worth of HTTP probes at once tripled the HTTP RTT).
         """
         jitter = self.probing.jitter
+        dues = [
+            start + (i + (random.uniform(-jitter, jitter) if i else 0.0)) * spacing
+            for i in range(len(order))
+        ]
+        merged = [(d, s) for d, s in zip(dues, order) if self.probes[s.kind].batched]
+        single = [(d, s) for d, s in zip(dues, order) if not self.probes[s.kind].batched]
         # Merge starts only when they are closer together than a tick: at a few probes a
         # second every probe keeps its own evenly spaced start.
         tick = self.probing.tick if spacing < self.probing.tick else 0.0
-        n = len(order)
-        dues = [
-            start + (i + (random.uniform(-jitter, jitter) if i else 0.0)) * spacing
-            for i in range(n)
-        ]
+        if merged and single:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._walk_due, merged, tick, rnd)
+                tg.start_soon(self._walk_due, single, 0.0, rnd)
+        elif merged or single:
+            await self._walk_due(merged or single, tick if merged else 0.0, rnd)
+
+    async def _walk_due(
+        self, due_slots: list[tuple[float, Slot]], tick: float, rnd: RoundInfo | None
+    ) -> None:
+        n = len(due_slots)
         i = 0
         while i < n:
-            await _sleep_until(dues[i])
-            horizon = max(anyio.current_time(), dues[i]) + tick
+            due = due_slots[i][0]
+            await _sleep_until(due)
+            horizon = max(anyio.current_time(), due) + tick
             batch: list[Slot] = []
-            while i < n and dues[i] < horizon:
-                if not order[i].removed:
-                    batch.append(order[i])
+            while i < n and due_slots[i][0] < horizon:
+                if not due_slots[i][1].removed:
+                    batch.append(due_slots[i][1])
                 i += 1
             self._launch_batch(batch, rnd)
 

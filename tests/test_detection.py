@@ -230,11 +230,13 @@ def test_peers_removed_and_readded_cause_no_false_report_and_keep_their_history(
         assert e["last_change"] == old[(e["address"], e["kind"])]
 
 
+@pytest.mark.netem
 def test_delay_raises_the_rtt_without_a_false_report(netlab: Lab) -> None:
+    # Deselected by default (pyproject: -m "not netem") because this project's machines
+    # have no sch_netem; run it with `pytest -m netem` on a kernel that has it.
     reason = netem_unavailable()
     if reason:
-        # Not counted toward the issue: this kernel has no sch_netem.
-        pytest.skip(reason)
+        pytest.fail(f"-m netem asked for, but {reason}")
     t0 = time.time()
     target = netlab.host("h2")
     netlab.delay(target, 100, 20)

@@ -13,6 +13,7 @@ import anyio
 import httpx
 import pytest
 
+from tests.conftest import require
 from tests.test_api_support import (
     LIVE_PEER,
     SNAPSHOT_SCHEMA,
@@ -268,7 +269,7 @@ def test_mode_and_group_come_from_the_config(tmp_path: Path) -> None:
 
     other = next((g for g in grp.getgrall() if g.gr_gid != os.getgid()), None)
     if other is None:
-        pytest.skip("no group other than our own on this host")
+        require("no group other than our own on this host")
     sock = tmp_path / "health.sock"
     config = agent_config(str(sock), free_port(), peers=LIVE_PEER,
                           api_extra=f'mode = "0600"\ngroup = "{other.gr_name}"\n')

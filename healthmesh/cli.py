@@ -58,15 +58,20 @@ def cli() -> None:
     """
 
 
+def config_option(help_text: str) -> Any:
+    """The ``-c/--config FILE`` option, required."""
+    return click.option(
+        "-c",
+        "--config",
+        "config_path",
+        required=True,
+        type=click.Path(dir_okay=False),
+        help=help_text,
+    )
+
+
 @cli.command()
-@click.option(
-    "-c",
-    "--config",
-    "config_path",
-    required=True,
-    type=click.Path(dir_okay=False),
-    help="TOML config file (see examples/healthmesh.toml).",
-)
+@config_option("TOML config file (see examples/healthmesh.toml).")
 @click.option("--once", is_flag=True, help="Probe every peer once, print the result, exit.")
 @click.option(
     "-o",
@@ -166,14 +171,7 @@ def config() -> None:
 
 
 @config.command("check")
-@click.option(
-    "-c",
-    "--config",
-    "config_path",
-    required=True,
-    type=click.Path(dir_okay=False),
-    help="TOML config file to validate.",
-)
+@config_option("TOML config file to validate.")
 @click.option("--show", is_flag=True, help="Print the effective config, defaults filled in.")
 def config_check(config_path: str, show: bool) -> None:
     """Validate a config: exit 0 when valid, 2 with the file and key when not."""

@@ -161,11 +161,14 @@ class Agent:
     async def _round_completed(self, rnd: RoundInfo) -> None:
         self._last_round = rnd
         logger.debug("round {} finished in {:.3f}s", rnd.number, rnd.duration or 0.0)
-        snap = self.snapshot()
+        await self._hand_to_outputs("round_completed", self.snapshot())
+
+    async def _hand_to_outputs(self, method: str, snap: Snapshot) -> None:
+        """Call ``method(snap)`` on every output; a slow or failing one does not stop the rest."""
         for out in self.outputs:
             try:
                 with anyio.move_on_after(self.config.probing.interval):
-                    await out.round_completed(snap)
+                    await getattr(out, method)(snap)
             except Exception as exc:
                 logger.error("output {} failed: {}: {}", out.name, type(exc).__name__, exc)
 
@@ -180,13 +183,7 @@ class Agent:
             self._changed = anyio.Event()
             await self._changed.wait()
             await anyio.sleep(CHANGE_SETTLE)  # one snapshot for a burst of changes
-            snap = self.snapshot()
-            for out in self.outputs:
-                try:
-                    with anyio.move_on_after(self.config.probing.interval):
-                        await out.state_changed(snap)
-                except Exception as exc:
-                    logger.error("output {} failed: {}: {}", out.name, type(exc).__name__, exc)
+            await self._hand_to_outputs("state_changed", self.snapshot())
             await anyio.sleep(gap - CHANGE_SETTLE)
 
     async def run(self) -> int:

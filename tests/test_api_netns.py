@@ -29,8 +29,14 @@ def peers() -> str:
     return ", ".join(nodes)
 
 
-def first_answer(agent: AgentProcess, within: float) -> tuple[float, httpx.Response]:
-    """Poll ``/v1beta/status`` until it answers; (wall-clock time of the answer, response)."""
+def first_answer(
+    agent: AgentProcess, within: float, nodes: int
+) -> tuple[float, httpx.Response]:
+    """Poll ``/v1beta/status`` until it answers listing ``nodes`` nodes; (wall time, response).
+
+    The API listens before the peer sources have published (so that it answers at once);
+    the configured nodes follow a moment later.
+    """
     assert agent.proc is not None
     deadline = time.monotonic() + within
     with uds_client(agent.socket_path, timeout=5) as c:
@@ -38,9 +44,12 @@ def first_answer(agent: AgentProcess, within: float) -> tuple[float, httpx.Respo
             assert agent.proc.poll() is None, agent.log()
             try:
                 resp = c.get("/v1beta/status")
-                return time.time(), resp
             except httpx.TransportError:
                 time.sleep(0.005)
+                continue
+            if resp.status_code != 200 or len(resp.json()["nodes"]) == nodes:
+                return time.time(), resp
+            time.sleep(0.005)
     raise AssertionError(f"no answer within {within}s:\n{agent.log()}")
 
 
@@ -53,7 +62,7 @@ def test_status_answers_within_1s_of_start_with_500_of_1000_peers_blackholed(
                           interval="10s", timeout="1s")
     agent = AgentProcess(tmp_path, config, socket_path=sock, prefix=ns.cmd())
     with agent:
-        answered_at, resp = first_answer(agent, within=15)
+        answered_at, resp = first_answer(agent, within=15, nodes=1001)
         since_spawn = time.monotonic() - agent.spawned_at
         with agent.client() as c:
             health = c.get("/v1/healthz").json()

@@ -154,9 +154,11 @@ class Agent:
         paths = [
             path
             for node in self.membership.nodes()
-            for path in node.paths(host=p.host, endpoint=p.endpoint)
+            for path in self.membership.paths_of(node, host=p.host, endpoint=p.endpoint)
         ]
         self.scheduler.set_paths(paths)
+        # Live outputs (the API) show added and removed nodes now, not at the end of a round.
+        self._state_changed()
 
     async def _round_completed(self, rnd: RoundInfo) -> None:
         self._last_round = rnd

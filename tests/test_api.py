@@ -24,6 +24,7 @@ from tests.test_api_support import (
     free_port,
     openapi_document,
     response_validator,
+    settled_agent,
     snapshot_validator,
 )
 
@@ -33,17 +34,7 @@ RFC3339 = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|[+-]\d\d:\d\d)$
 @pytest.fixture(scope="module")
 def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentProcess]:
     """One agent (a live peer and a dead one) shared by the read-only tests of this module."""
-    tmp = tmp_path_factory.mktemp("api")
-    sock = tmp / "health.sock"
-    port = free_port()
-    proc = AgentProcess(tmp, agent_config(str(sock), port, peers=TWO_PEERS), socket_path=sock)
-    proc.start()
-    try:
-        proc.wait_serving()
-        proc.wait_rounds(2)
-        yield proc
-    finally:
-        proc.stop()
+    yield from settled_agent(tmp_path_factory.mktemp("api"), TWO_PEERS)
 
 
 def test_v1beta_status_validates_against_cilium_swagger(agent: AgentProcess) -> None:

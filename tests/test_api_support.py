@@ -11,7 +11,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -226,3 +226,16 @@ def response_validator(path: str, method: str, status: int) -> jsonschema.Draft2
 def snapshot_validator() -> jsonschema.Draft202012Validator:
     return jsonschema.Draft202012Validator(json.loads(SNAPSHOT_SCHEMA.read_text()))
 
+
+
+def settled_agent(tmp: Path, peers: str) -> Iterator[AgentProcess]:
+    """An agent on ``tmp/health.sock`` that has finished two rounds; stopped afterwards."""
+    sock = tmp / "health.sock"
+    proc = AgentProcess(tmp, agent_config(str(sock), free_port(), peers=peers), socket_path=sock)
+    proc.start()
+    try:
+        proc.wait_serving()
+        proc.wait_rounds(2)
+        yield proc
+    finally:
+        proc.stop()

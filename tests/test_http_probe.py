@@ -12,26 +12,12 @@ import psutil
 import pytest
 
 from healthmesh import Path, ProbeResult
-from healthmesh.plugins.http import HttpProbe, HttpSettings, Responder, ResponderSettings, http_get
+from healthmesh.plugins.http import HttpProbe, HttpSettings, http_get
+from tests.responders import port_of, responder
 
 pytestmark = pytest.mark.anyio
 
 Reply = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
-
-
-@asynccontextmanager
-async def responder(*listen: str) -> AsyncIterator[Responder]:
-    """Our responder, in this process, on ``listen`` (port 0: a free port)."""
-    r = Responder(ResponderSettings(listen=list(listen)))
-    async with anyio.create_task_group() as tg:
-        with anyio.fail_after(5):
-            await tg.start(r.run)
-        yield r
-        tg.cancel_scope.cancel()
-
-
-def port_of(r: Responder, i: int = 0) -> int:
-    return int(r.addresses[i].rsplit(":", 1)[1])
 
 
 @asynccontextmanager

@@ -8,8 +8,6 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 
 import anyio
 import pytest
@@ -18,22 +16,9 @@ from anyio.abc import SocketStream
 from healthmesh.plugins.http import Responder, ResponderSettings, http_get
 from healthmesh.plugins.http.listen import parse_listen
 from tests.conftest import ROOT, healthmesh_cmd, run_cli
+from tests.responders import port_of, responder
 
 pytestmark = pytest.mark.anyio
-
-
-@asynccontextmanager
-async def responder(*listen: str, **limits: object) -> AsyncIterator[Responder]:
-    r = Responder(ResponderSettings(listen=list(listen), **limits))  # type: ignore[arg-type]
-    async with anyio.create_task_group() as tg:
-        with anyio.fail_after(5):
-            await tg.start(r.run)
-        yield r
-        tg.cancel_scope.cancel()
-
-
-def port_of(r: Responder, i: int = 0) -> int:
-    return int(r.addresses[i].rsplit(":", 1)[1])
 
 
 async def exchange(port: int, request: bytes, host: str = "127.0.0.1") -> bytes:

@@ -14,35 +14,22 @@ from tests.test_api_support import (
     LIVE_PEER,
     TWO_PEERS,
     AgentProcess,
-    agent_config,
     cilium_validator,
-    free_port,
+    settled_agent,
     snapshot_validator,
 )
-
-
-def _agent(tmp: Path, peers: str) -> Iterator[AgentProcess]:
-    sock = tmp / "health.sock"
-    proc = AgentProcess(tmp, agent_config(str(sock), free_port(), peers=peers), socket_path=sock)
-    proc.start()
-    try:
-        proc.wait_serving()
-        proc.wait_rounds(2)
-        yield proc
-    finally:
-        proc.stop()
 
 
 @pytest.fixture(scope="module")
 def mixed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentProcess]:
     """An agent with one live and one dead peer."""
-    yield from _agent(tmp_path_factory.mktemp("mixed"), TWO_PEERS)
+    yield from settled_agent(tmp_path_factory.mktemp("mixed"), TWO_PEERS)
 
 
 @pytest.fixture(scope="module")
 def healthy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentProcess]:
     """An agent whose every peer answers."""
-    yield from _agent(tmp_path_factory.mktemp("healthy"), LIVE_PEER)
+    yield from settled_agent(tmp_path_factory.mktemp("healthy"), LIVE_PEER)
 
 
 def status(agent: AgentProcess, *args: str) -> tuple[int, str, str]:

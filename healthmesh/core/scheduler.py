@@ -178,11 +178,12 @@ class Scheduler:
     ) -> None:
         """Start ``order`` one every ``spacing`` seconds (jittered).
 
-        Slots of batched kinds falling due within one ``tick`` of each other start together,
-        from one wake-up, in one ``probe_many`` call: waking once per probe is what costs
-        CPU at thousands of ICMP probes per second, not the probes. Other kinds keep a start
-        of their own, because a connection-based probe started alongside others measures
-        their queueing too (a tick's worth of HTTP probes at once tripled the HTTP RTT).
+        Slots of batched kinds falling due within one ``tick`` of each other are handed
+        over together, from one wake-up, in one ``probe_many`` call: waking once per probe is
+        what costs CPU at thousands of probes per second, not the probes. How the kind runs
+        them is its own business (icmp sends them at once; http runs them as a train, one
+        after another, because connections started together measure each other's
+        queueing). Other kinds keep a start of their own.
         """
         jitter = self.probing.jitter
         dues = [

@@ -1,8 +1,11 @@
 """The ``http`` probe kind: ``GET /hello`` on a fresh connection, timed per phase.
 
-One probe is one non-blocking socket driven by event-loop callbacks and one future: no
-task, transport or stream objects per probe. That is what keeps a 5,000-peer round cheap
-(measurements in docs/benchmarks.md, design in docs/http.md).
+One probe is one non-blocking socket driven by event-loop callbacks: no task, transport or
+stream objects per probe. The probes the scheduler hands over together (one tick's worth) run
+as a *train*: one after another, each starting as the one before it answers (or ``step``
+later if it does not), so no probe queues behind another and both ends stay awake between
+them. That is what keeps a 5,000-peer round cheap and its RTTs true (measurements in
+docs/benchmarks.md, design in docs/http.md).
 """
 
 from __future__ import annotations
@@ -11,7 +14,9 @@ import asyncio
 import errno
 import os
 import socket
+import struct
 import time
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 from healthmesh import (
@@ -28,7 +33,17 @@ from healthmesh.plugins.http.wire import MalformedHead, _show, parse_status_line
 #: A response head longer than this is an error (Cilium's answer is about 100 bytes).
 MAX_RESPONSE_HEAD = 16 * 1024
 _RECV_SIZE = 65536
+#: SO_TIMESTAMPNS: the kernel's receive time of the data read (struct timespec, wall clock).
+SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
+_TIMESPEC = struct.Struct("@qq")
+_ANCILLARY_SIZE = socket.CMSG_SPACE(_TIMESPEC.size)
 _NONBLOCK = getattr(socket, "SOCK_NONBLOCK", 0) | getattr(socket, "SOCK_CLOEXEC", 0)
+#: In a train, a probe still unanswered this long after its start no longer holds back the
+#: next one (it goes on under its own timeout). Well above a LAN round trip.
+TRAIN_STEP = 0.002
+#: A train's starts are spread over at most this long, however many probes it has: under the
+#: scheduler's grace past the timeout, and one default tick.
+TRAIN_SPREAD = 0.05
 
 
 class HttpSettings(ComponentSettings):
@@ -43,6 +58,7 @@ class HttpProbe(Probe):
 
     name: ClassVar[str] = "http"
     default_enabled: ClassVar[bool] = True
+    batched: ClassVar[bool] = True
     Settings: ClassVar[type[ComponentSettings]] = HttpSettings
 
     def __init__(self, settings: HttpSettings, context: AgentContext) -> None:
@@ -63,6 +79,12 @@ class HttpProbe(Probe):
         """Probe one path: connect, send the request, wait for the response head."""
         return await http_get(path.address, self.port, self.target, timeout)
 
+    async def probe_many(self, paths: Sequence[Path], timeout: float) -> list[ProbeResult]:
+        """Probe ``paths`` as a train: one at a time, the next as soon as one answers."""
+        return await http_train(
+            [p.address for p in paths], self.port, self.target, timeout
+        )
+
 
 async def http_get(address: str, port: int, target: str, timeout: float) -> ProbeResult:
     """One ``GET`` on a new connection to an IP literal, bounded by ``timeout`` seconds.
@@ -71,25 +93,134 @@ async def http_get(address: str, port: int, target: str, timeout: float) -> Prob
     prober). Details: ``connect_ms`` (TCP handshake) and ``ttfb_ms`` (request sent to the
     first response byte). The connection is closed on every outcome, cancellation included.
     """
-    exchange = _Exchange(asyncio.get_running_loop(), address, port, target, timeout)
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[ProbeResult] = loop.create_future()
+    def deliver(result: ProbeResult) -> None:
+        if not future.done():  # not when the awaiting task is being cancelled
+            future.set_result(result)
+
+    exchange = _Exchange(loop, address, port, target, timeout, deliver)
     try:
         exchange.start()
-        return await exchange.future
+        return await future
     finally:
         exchange.close()
+
+
+async def http_train(
+    addresses: Sequence[str], port: int, target: str, timeout: float, step: float = TRAIN_STEP
+) -> list[ProbeResult]:
+    """``http_get`` of every address, in order, as a train; results in the same order.
+
+    Each probe starts as soon as the one before it has its result, or ``step`` seconds
+    after that one started, whichever is first (``step`` shrinks so the starts of a long
+    train span at most ``TRAIN_SPREAD``). Over a healthy network only one probe is in flight
+    at a time: none waits behind another for the event loop or the peer, and the next one
+    is sent from the callback that read the answer, while both processes are still awake.
+    A dead peer delays the train by ``step``, not by the timeout.
+    """
+    if not addresses:
+        return []
+    train = _Train(asyncio.get_running_loop(), addresses, port, target, timeout,
+                   min(step, TRAIN_SPREAD / len(addresses)))
+    try:
+        train.advance()
+        return await train.future
+    finally:
+        train.close()
+
+
+class _Train:
+    """Probes started one after another; see ``http_train``."""
+
+    __slots__ = (
+        "addresses", "advancing", "deadline", "exchanges", "future", "left", "loop", "next",
+        "port", "results", "step", "step_timer", "target", "timeout",
+    )
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, addresses: Sequence[str], port: int,
+        target: str, timeout: float, step: float,
+    ) -> None:
+        self.loop = loop
+        self.addresses = addresses
+        self.port = port
+        self.target = target
+        self.timeout = timeout
+        self.step = step
+        self.future: asyncio.Future[list[ProbeResult]] = loop.create_future()
+        self.results: list[ProbeResult | None] = [None] * len(addresses)
+        self.exchanges: dict[int, _Exchange] = {}
+        self.next = 0  # the next address to start
+        self.left = len(addresses)  # results still missing
+        self.step_timer: asyncio.TimerHandle | None = None
+        self.advancing = False
+        #: Every probe ends by then, even when a busy loop started some of them late: the
+        #: scheduler allows a batch its timeout plus a grace longer than TRAIN_SPREAD.
+        self.deadline = loop.time() + timeout + TRAIN_SPREAD
+
+    def advance(self) -> None:
+        """Start probes until one is left waiting for its answer (or none remain)."""
+        if self.step_timer is not None:
+            self.step_timer.cancel()
+            self.step_timer = None
+        if self.advancing:  # a probe finished inside start(): the loop below goes on
+            return
+        self.advancing = True
+        try:
+            while self.next < len(self.addresses) and not self.future.done():
+                i = self.next
+                self.next += 1
+                timeout = max(0.0, min(self.timeout, self.deadline - self.loop.time()))
+                exchange = _Exchange(
+                    self.loop, self.addresses[i], self.port, self.target, timeout,
+                    self._finisher(i),
+                )
+                self.exchanges[i] = exchange
+                exchange.start()
+                if self.results[i] is None:  # in flight: the next waits for it or the step
+                    if self.next < len(self.addresses):
+                        self.step_timer = self.loop.call_later(self.step, self.advance)
+                    return
+        finally:
+            self.advancing = False
+
+    def _finisher(self, i: int) -> Callable[[ProbeResult], None]:
+        def finished(result: ProbeResult) -> None:
+            self.results[i] = result
+            self.exchanges.pop(i, None)
+            self.left -= 1
+            if self.left == 0:
+                if not self.future.done():
+                    self.future.set_result(self.results)  # type: ignore[arg-type]
+            elif i == self.next - 1:  # the newest probe answered: start the next now
+                self.advance()
+
+        return finished
+
+    def close(self) -> None:
+        """Stop every probe still in flight (the awaiting task was cancelled)."""
+        if self.step_timer is not None:
+            self.step_timer.cancel()
+            self.step_timer = None
+        self.next = len(self.addresses)
+        for exchange in list(self.exchanges.values()):
+            exchange.close()
+        self.exchanges.clear()
 
 
 class _Exchange:
     """The state of one request/response on one non-blocking socket."""
 
     __slots__ = (
-        "address", "buf", "fd", "future", "loop", "peer", "reading", "request", "sock",
-        "t_connected", "t_first", "t_sent", "t_start", "timeout", "timer", "writing",
+        "address", "buf", "fd", "finished", "loop", "on_result", "peer", "reading", "request",
+        "sock", "t_connected", "t_first", "t_last", "t_sent", "t_start", "timeout", "timer",
+        "writing",
     )
 
     def __init__(
         self, loop: asyncio.AbstractEventLoop, address: str, port: int, target: str,
-        timeout: float,
+        timeout: float, on_result: Callable[[ProbeResult], None],
     ) -> None:
         self.loop = loop
         self.address = address
@@ -102,19 +233,19 @@ class _Exchange:
             f"GET {target} HTTP/1.1\r\nHost: {hostport}\r\nUser-Agent: healthmesh/{__version__}"
             "\r\nAccept: */*\r\nConnection: close\r\n\r\n"
         ).encode("ascii")
-        self.future: asyncio.Future[ProbeResult] = loop.create_future()
+        self.on_result = on_result
+        self.finished = False
         self.sock: socket.socket | None = None
         self.fd = -1
         self.reading = self.writing = False
         self.timer: asyncio.TimerHandle | None = None
         self.buf = b""
-        self.t_start = self.t_connected = self.t_sent = self.t_first = 0.0
+        self.t_start = self.t_connected = self.t_sent = self.t_first = self.t_last = 0.0
 
     # -- phases -------------------------------------------------------------------------
 
     def start(self) -> None:
         port = int(self.peer.rsplit(":", 1)[1])
-        self.t_start = time.perf_counter()
         try:
             if ":" in self.address:
                 family = socket.AF_INET6
@@ -128,17 +259,25 @@ class _Exchange:
             sock = self.sock = socket.socket(family, socket.SOCK_STREAM | _NONBLOCK)
             if not _NONBLOCK:
                 sock.setblocking(False)
+            sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
             self.fd = sock.fileno()
         except OSError as exc:
+            self.t_start = time.time()
             self._fail(f"cannot open a socket to {self.peer}: {_reason(exc)}")
             return
         self.timer = self.loop.call_later(self.timeout, self._on_timeout)
+        # The clock starts at connect(), after the socket and the timer are set up, and stops
+        # at the kernel's receive time of the answer (SO_TIMESTAMPNS), so neither this
+        # process's set-up nor its wake-up is counted as network or peer time. Wall clock,
+        # because that is the kernel timestamps' clock.
+        self.t_start = time.time()
         err = sock.connect_ex(sockaddr)
         if err == 0:
-            self._on_connected()
+            self._on_connected(time.time())
         elif err in (errno.EINPROGRESS, errno.EAGAIN):
-            # Over loopback (and to a local health endpoint) the handshake has usually
-            # completed by now; sending at once saves a trip through the event loop.
+            # Over loopback (and to a local health endpoint) the handshake has completed by
+            # the time connect() returns; sending at once saves a trip through the event loop.
+            connected = time.time()
             try:
                 sent = sock.send(self.request)
             except (BlockingIOError, InterruptedError):
@@ -149,13 +288,13 @@ class _Exchange:
                 self._fail(f"connect to {self.peer}: {_reason(exc)}")
                 return
             self.request = self.request[sent:]
-            self._on_connected()
+            self._on_connected(connected, None if self.request else time.time())
         else:
             self._fail(f"connect to {self.peer}: {os.strerror(err).lower()}")
 
     def _on_writable(self) -> None:
         assert self.sock is not None
-        if self.future.done():
+        if self.finished:
             return
         if self.t_connected == 0.0:
             err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
@@ -164,15 +303,19 @@ class _Exchange:
                 return
             self.loop.remove_writer(self.fd)
             self.writing = False
-            self._on_connected()
+            self._on_connected(time.time())
         else:  # the rest of a request that did not fit the send buffer at once
             self._send()
 
-    def _on_connected(self) -> None:
-        self.t_connected = time.perf_counter()
+    def _on_connected(self, when: float, sent_at: float | None = None) -> None:
+        """Connected at ``when``; ``sent_at`` is when the request went out, if it has."""
+        self.t_connected = when
         self.loop.add_reader(self.fd, self._on_readable)
         self.reading = True
-        self._send()
+        if sent_at is None:
+            self._send()
+        else:
+            self.t_sent = sent_at
 
     def _send(self) -> None:
         assert self.sock is not None
@@ -192,14 +335,14 @@ class _Exchange:
         if self.writing:
             self.loop.remove_writer(self.fd)
             self.writing = False
-        self.t_sent = time.perf_counter()
+        self.t_sent = time.time()
 
     def _on_readable(self) -> None:
         assert self.sock is not None
-        if self.future.done():
+        if self.finished:
             return
         try:
-            data = self.sock.recv(_RECV_SIZE)
+            data, ancillary, _flags, _addr = self.sock.recvmsg(_RECV_SIZE, _ANCILLARY_SIZE)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
@@ -212,8 +355,9 @@ class _Exchange:
                 where = "before sending a response"
             self._fail(f"connection closed by {self.peer} {where}")
             return
+        self.t_last = _received_at(ancillary)
         if self.t_first == 0.0:
-            self.t_first = time.perf_counter()
+            self.t_first = self.t_last
         seen = len(self.buf)
         self.buf += data
         self._parse(max(0, seen - 3))
@@ -245,23 +389,25 @@ class _Exchange:
             if self.buf:
                 self._parse(0)
             return
-        now = time.perf_counter()
         if status != 200:
             text = f"HTTP {status} {reason}".rstrip()
             self._fail(f"{text} from {self.peer}")
             return
         sent = self.t_sent or self.t_connected
+        rtt = self.t_last - self.t_start
+        if not 0.0 <= rtt <= self.timeout + 1.0:  # the wall clock was stepped meanwhile
+            rtt = max(0.0, min(rtt, self.timeout))
         self._done(
             ProbeResult.success(
-                now - self.t_start,
+                rtt,
                 connect_ms=round((self.t_connected - self.t_start) * 1000.0, 3),
-                ttfb_ms=round((self.t_first - sent) * 1000.0, 3),
+                ttfb_ms=round(max(0.0, self.t_first - sent) * 1000.0, 3),
             )
         )
 
     def _on_timeout(self) -> None:
         self.timer = None
-        if self.future.done():
+        if self.finished:
             return
         took = format_duration(self.timeout)
         if self.t_connected == 0.0:
@@ -286,12 +432,15 @@ class _Exchange:
         self._done(ProbeResult.failure(error, **details))
 
     def _done(self, result: ProbeResult) -> None:
-        if not self.future.done():
-            self.future.set_result(result)
+        if self.finished:
+            return
+        self.finished = True
         self.close()
+        self.on_result(result)
 
     def close(self) -> None:
         """Stop watching the socket and close it; safe to call more than once."""
+        self.finished = True
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
@@ -305,6 +454,15 @@ class _Exchange:
             self.writing = False
         self.sock.close()
         self.sock = None
+
+
+def _received_at(ancillary: list[tuple[int, int, bytes]]) -> float:
+    """The kernel's receive time of the data just read, or now when it gave none."""
+    for level, kind, data in ancillary:
+        if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(data) >= 16:
+            sec, nsec = _TIMESPEC.unpack_from(data)
+            return sec + nsec * 1e-9
+    return time.time()
 
 
 def _status_line_ok(line: bytes) -> bool:

@@ -135,7 +135,7 @@ class ProbingSettings(Settings):
     confirm_probes: int = 8
     confirm_spacing: Duration = Duration(0.025)
     jitter: float = 0.1
-    #: Probes of batched kinds due within one tick start together, from one wake-up.
+    #: Probes of batched kinds due within one tick are handed over together, from one wake-up.
     tick: Duration = Duration(0.05)
     max_rate: float = 1000.0
     window: int = 100

@@ -81,9 +81,7 @@ class HttpProbe(Probe):
 
     async def probe_many(self, paths: Sequence[Path], timeout: float) -> list[ProbeResult]:
         """Probe ``paths`` as a train: one at a time, the next as soon as one answers."""
-        return await http_train(
-            [p.address for p in paths], self.port, self.target, timeout
-        )
+        return await http_train([p.address for p in paths], self.port, self.target, timeout)
 
 
 async def http_get(address: str, port: int, target: str, timeout: float) -> ProbeResult:
@@ -95,6 +93,7 @@ async def http_get(address: str, port: int, target: str, timeout: float) -> Prob
     """
     loop = asyncio.get_running_loop()
     future: asyncio.Future[ProbeResult] = loop.create_future()
+
     def deliver(result: ProbeResult) -> None:
         if not future.done():  # not when the awaiting task is being cancelled
             future.set_result(result)

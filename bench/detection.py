@@ -5,8 +5,9 @@ fault kind ``--reps`` times at a random phase of the probe interval, and measure
 observing agent:
 
 - detection: fault injected -> the agent's state change (``last_change`` of the first
-  affected path; a node is unreachable as soon as one path is), and -> the first
-  snapshot served by its API (or NDJSON) that shows it;
+  affected path; a node is unreachable as soon as one path is), -> the first snapshot
+  served by its API (or NDJSON) that shows that path unreachable, and -> the first one
+  that shows every affected path unreachable;
 - recovery: fault reverted -> every affected path reachable again (same two clocks).
 
 Then it puts ``--loss`` random loss (iptables ``statistic``) on one host for
@@ -43,6 +44,7 @@ from tests.netlab import (  # noqa: E402
     entries_state,
     find_node,
     lab,
+    parse_time,
     probe_entries,
     unavailable_reason,
 )
@@ -103,31 +105,43 @@ FAULTS = [
 
 
 def wait_all(
-    the_lab: Lab, observers: list[Host], check: Callable[[Json], float | None], timeout: float
-) -> dict[str, tuple[float, float]]:
-    """Poll views until ``check`` gives a change time for every observer.
+    the_lab: Lab, observers: list[Host], check: Callable[[Json], float | None], timeout: float,
+    full: Callable[[Json], float | None] | None = None,
+) -> dict[str, tuple[float, float, float | None]]:
+    """Poll views until ``check`` (and ``full``, when given) gives a time for every observer.
 
-    Returns ``{observer: (change time, time the served view first showed it)}``.
+    Returns ``{observer: (change time, time the served view first passed check, time it
+    first passed full or None)}``.
     """
-    out: dict[str, tuple[float, float]] = {}
+    first: dict[str, tuple[float, float]] = {}
+    whole: dict[str, float] = {}
     deadline = time.monotonic() + timeout
-    while len(out) < len(observers) and time.monotonic() < deadline:
+    names = {h.name for h in observers}
+    while time.monotonic() < deadline and (
+        set(first) != names or (full is not None and set(whole) != names)
+    ):
         for h in observers:
-            if h.name in out:
+            if h.name in first and (full is None or h.name in whole):
                 continue
             view = the_lab.view(h)
-            changed = None if view is None else check(view)
-            if changed is not None:
-                out[h.name] = (changed, time.time())
+            if view is None:
+                continue
+            now = time.time()
+            if h.name not in first:
+                changed = check(view)
+                if changed is not None:
+                    first[h.name] = (changed, now)
+            if full is not None and h.name not in whole and full(view) is not None:
+                whole[h.name] = now
         time.sleep(0.02)
-    return out
+    return {n: (c, seen, whole.get(n)) for n, (c, seen) in first.items()}
 
 
 def run_fault(the_lab: Lab, fault: Fault, reps: int, rng: random.Random) -> Json:
     """Inject and revert ``fault`` ``reps`` times; the measured seconds per observer."""
     interval = the_lab_interval(the_lab)
-    rows: Json = {"detect": [], "detect_seen": [], "recover": [], "recover_seen": [],
-                  "missed": 0}
+    rows: Json = {"detect": [], "detect_seen": [], "detect_all_seen": [], "recover": [],
+                  "recover_seen": [], "missed": 0}
     kinds = [k for k in the_lab.kinds if fault.kind in (None, k)]
     for rep in range(reps):
         a, b = rng.sample(the_lab.hosts, 2)
@@ -138,13 +152,17 @@ def run_fault(the_lab: Lab, fault: Fault, reps: int, rng: random.Random) -> Json
         fault.inject(the_lab, a, b)
         got = wait_all(
             the_lab, observers,
-            lambda v, n=target.name, t=t0: _change(v, n, "unreachable", fault, kinds, after=t),
+            lambda v, n=target.name, t=t0: _first_down(v, n, fault, after=t),
             timeout=10.0,
+            full=lambda v, n=target.name, t=t0: _change(
+                v, n, "unreachable", fault, kinds, after=t),
         )
         rows["missed"] += len(observers) - len(got)
-        for changed, seen in got.values():
+        for changed, seen, all_seen in got.values():
             rows["detect"].append(changed - t0)
             rows["detect_seen"].append(seen - t0)
+            if all_seen is not None:
+                rows["detect_all_seen"].append(all_seen - t0)
         time.sleep(1.0)
         t1 = time.time()
         fault.revert(the_lab, a, b)
@@ -154,12 +172,26 @@ def run_fault(the_lab: Lab, fault: Fault, reps: int, rng: random.Random) -> Json
             timeout=15.0,
         )
         rows["missed"] += len(observers) - len(got)
-        for changed, seen in got.values():
+        for changed, seen, _ in got.values():
             rows["recover"].append(changed - t1)
             rows["recover_seen"].append(seen - t1)
         the_lab.heal()
         print(f"  {fault.name} rep {rep + 1}/{reps} done", file=sys.stderr)
     return rows
+
+
+def _first_down(view: Json, name: str, fault: Fault, *, after: float) -> float | None:
+    """When the first of the fault's paths of node ``name`` went unreachable (None: none yet)."""
+    node = find_node(view, name)
+    if node is None:
+        return None
+    stamps = [
+        parse_time(e.get("last_change"))
+        for e in probe_entries(node, fault.role, fault.kind)
+        if e["state"] == "unreachable"
+    ]
+    known = [t for t in stamps if t is not None and t >= after]
+    return min(known) if known else None
 
 
 def _change(
@@ -294,12 +326,13 @@ def print_table(result: Json) -> None:
     print(f"\n{result['hosts']} hosts, interval {result['probing']['interval']}, timeout "
           f"{result['probing']['timeout']}, kinds {', '.join(result['kinds'])}, "
           f"report read via {result['report_via']}; seconds, min / median / max (n)\n")
-    print("| fault | detect (state change) | detect (served) | recover (state change) "
-          "| recover (served) | missed |")
-    print("|---|---|---|---|---|---|")
+    print("| fault | detect (state change) | detect (served) | all paths down (served) "
+          "| recover (state change) | recover (served) | missed |")
+    print("|---|---|---|---|---|---|---|")
     for name, row in result["faults"].items():
         cells = [
-            _cell(row[k]) for k in ("detect", "detect_seen", "recover", "recover_seen")
+            _cell(row[k])
+            for k in ("detect", "detect_seen", "detect_all_seen", "recover", "recover_seen")
         ]
         print(f"| {name}: {row['what']} | " + " | ".join(cells) + f" | {row['missed']} |")
     for key, label in (("loss", "confirmation (default)"),

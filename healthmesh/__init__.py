@@ -25,11 +25,13 @@ from healthmesh.core.hookspecs import hookimpl
 from healthmesh.core.model import Node, Path, PathState, ProbeResult, Role, Snapshot
 from healthmesh.core.render import header_line, summary_table
 from healthmesh.core.state import rfc3339
+from healthmesh.core.timestamps import SO_TIMESTAMPNS, kernel_receive_ns
 from healthmesh.core.units import format_duration, parse_duration
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "SO_TIMESTAMPNS",
     "AgentContext",
     "ComponentSettings",
     "ConfigError",
@@ -53,6 +55,7 @@ __all__ = [
     "format_duration",
     "header_line",
     "hookimpl",
+    "kernel_receive_ns",
     "parse_duration",
     "parse_nodes",
     "rfc3339",

@@ -14,12 +14,12 @@ import asyncio
 import errno
 import os
 import socket
-import struct
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 from healthmesh import (
+    SO_TIMESTAMPNS,
     AgentContext,
     ComponentSettings,
     Path,
@@ -27,16 +27,15 @@ from healthmesh import (
     ProbeResult,
     __version__,
     format_duration,
+    kernel_receive_ns,
 )
 from healthmesh.plugins.http.wire import MalformedHead, _show, parse_status_line
 
 #: A response head longer than this is an error (Cilium's answer is about 100 bytes).
 MAX_RESPONSE_HEAD = 16 * 1024
 _RECV_SIZE = 65536
-#: SO_TIMESTAMPNS: the kernel's receive time of the data read (struct timespec, wall clock).
-SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
-_TIMESPEC = struct.Struct("@qq")
-_ANCILLARY_SIZE = socket.CMSG_SPACE(_TIMESPEC.size)
+#: Room for one SO_TIMESTAMPNS message (a struct timespec: the kernel's receive time).
+_ANCILLARY_SIZE = socket.CMSG_SPACE(16)
 _NONBLOCK = getattr(socket, "SOCK_NONBLOCK", 0) | getattr(socket, "SOCK_CLOEXEC", 0)
 #: In a train, a probe still unanswered this long after its start no longer holds back the
 #: next one (it goes on under its own timeout). Well above a LAN round trip.
@@ -457,11 +456,8 @@ class _Exchange:
 
 def _received_at(ancillary: list[tuple[int, int, bytes]]) -> float:
     """The kernel's receive time of the data just read, or now when it gave none."""
-    for level, kind, data in ancillary:
-        if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(data) >= 16:
-            sec, nsec = _TIMESPEC.unpack_from(data)
-            return sec + nsec * 1e-9
-    return time.time()
+    ns = kernel_receive_ns(ancillary)
+    return ns * 1e-9 if ns else time.time()
 
 
 def _status_line_ok(line: bytes) -> bool:

@@ -15,6 +15,7 @@ from typing import Any
 
 from loguru import logger
 
+from healthmesh import kernel_receive_ns
 from healthmesh.plugins.icmp.ledger import Echo, EchoLedger, echo_key
 from healthmesh.plugins.icmp.packets import REPLY, EchoCodec, error_text
 from healthmesh.plugins.icmp.settings import IcmpSettings
@@ -26,7 +27,6 @@ from healthmesh.plugins.icmp.sockets import (
     SocketRefused,
     extended_error,
     is_transient_send_error,
-    receive_timestamp,
 )
 
 #: Datagrams read per reader wake-up before yielding to the event loop.
@@ -197,7 +197,7 @@ class Endpoint:
                 continue
             key = af | (msg.ident << 16) | msg.seq  # echo_key(), inlined: hot path
             if msg.kind == REPLY:
-                rx_ns = receive_timestamp(ancillary)
+                rx_ns = kernel_receive_ns(ancillary)
                 ledger.reply(key, msg.tag, addr[0], rx_ns, time.monotonic())
             else:
                 assert msg.quoted_destination is not None

@@ -20,8 +20,9 @@ from pathlib import Path as FsPath
 from icmplib import ICMPv4Socket, ICMPv6Socket
 from icmplib.exceptions import ICMPSocketError, SocketPermissionError
 
+from healthmesh import SO_TIMESTAMPNS
+
 # Linux constants the socket module does not export.
-SO_TIMESTAMPNS = 35
 SO_RCVBUFFORCE = 33
 SOL_RAW = 255
 ICMP_FILTER = 1
@@ -107,15 +108,6 @@ class Channel:
     def close(self) -> None:
         """Close the socket (idempotent)."""
         self._icmp.close()
-
-
-def receive_timestamp(ancillary: list[tuple[int, int, bytes]]) -> int:
-    """The kernel receive timestamp (ns, wall clock) in recvmsg's ancillary data, else 0."""
-    for level, kind, data in ancillary:
-        if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(data) >= 16:
-            sec, nsec = struct.unpack_from("qq", data)
-            return sec * 1_000_000_000 + nsec
-    return 0
 
 
 def extended_error(

@@ -216,23 +216,42 @@ def test_openapi_document_is_served_and_its_snapshot_schema_matches_the_docs(
 
 
 @pytest.mark.anyio
-async def test_concurrent_probe_requests_share_one_round(agent: AgentProcess) -> None:
-    transport = httpx.AsyncHTTPTransport(uds=agent.socket_path)
+async def test_concurrent_probe_requests_share_one_round(tmp_path: Path) -> None:
+    # A peer that accepts and never answers holds each round open for the probe timeout, so
+    # five requests sent together all arrive while one round runs (refused peers alone end a
+    # round in a millisecond, before the last request is even read).
+    port = free_port()
+    silent = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    silent.bind(("127.0.0.6", port))
+    silent.listen(64)
+    peers = LIVE_PEER + ', {name = "silent", addresses = ["127.0.0.6"]}'
+    sock = tmp_path / "health.sock"
     bodies: list[bytes] = []
-    async with httpx.AsyncClient(transport=transport, base_url="http://localhost",
-                                 timeout=10) as c:
+    try:
+        with AgentProcess(tmp_path, agent_config(str(sock), port, peers=peers, timeout="800ms"),
+                          socket_path=sock) as agent:
+            agent.wait_serving()
+            transport = httpx.AsyncHTTPTransport(uds=str(sock))
+            async with httpx.AsyncClient(transport=transport, base_url="http://localhost",
+                                         timeout=10) as c:
 
-        async def probe() -> None:
-            resp = await c.post("/v1/probe")
-            assert resp.status_code == 200
-            bodies.append(resp.content)
+                async def probe() -> None:
+                    resp = await c.post("/v1/probe")
+                    assert resp.status_code == 200
+                    bodies.append(resp.content)
 
-        with anyio.fail_after(15):
-            async with anyio.create_task_group() as tg:
-                for _ in range(5):
-                    tg.start_soon(probe)
-    assert len(bodies) == 5
-    assert len(set(bodies)) == 1  # one round, one answer
+                with anyio.fail_after(15):
+                    async with anyio.create_task_group() as tg:
+                        for _ in range(5):
+                            tg.start_soon(probe)
+                    started = anyio.current_time()
+                    await probe()  # after the shared round ended: a round of its own
+                    assert anyio.current_time() - started >= 0.7  # it waited on the silent peer
+    finally:
+        silent.close()
+    assert len(bodies) == 6
+    assert len(set(bodies[:5])) == 1  # one round, one answer
+    assert bodies[5] != bodies[0]
 
 
 # --- the socket file --------------------------------------------------------------------

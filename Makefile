@@ -40,6 +40,7 @@ demo: venv
 	$(BIN)/healthmesh run -c examples/loopback.toml
 
 bench: system-packages venv
+	$(BIN)/pip install --quiet -e '.[bench]'
 	@mkdir -p bench/results
 	@for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b --json bench/results/$$(basename $$b .py).json || exit 1; done
 

@@ -12,12 +12,18 @@ import click
 from loguru import logger
 
 from healthmesh import __version__
-from healthmesh.core.agent import Agent, StartupError
+from healthmesh.core.agent import EXIT_COMPONENT_FAILED, Agent, StartupError
 from healthmesh.core.config import LOG_LEVELS, Config, ConfigError, load_raw
 from healthmesh.core.plugins import PluginError, PluginRegistry, load_plugins
 from healthmesh.core.resolve import effective, resolve
 
+if sys.version_info >= (3, 11):
+    from builtins import BaseExceptionGroup
+else:  # the backport anyio itself uses on 3.10
+    from exceptiongroup import BaseExceptionGroup
+
 EXIT_USAGE = 2
+__all__ = ["EXIT_COMPONENT_FAILED", "EXIT_USAGE", "build_cli", "cli", "main"]
 
 
 def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
@@ -76,9 +82,10 @@ def config_option(help_text: str) -> Any:
 @click.option(
     "-o",
     "--output",
+    # The choices are the console outputs of the loaded plugins (set by build_cli).
     type=click.Choice(["table", "json"]),
     default=None,
-    help="Console output: a table (default) or NDJSON, one document per round.",
+    help="Console output (default: table); json prints NDJSON, one document per round.",
 )
 @click.option(
     "--log-level",
@@ -90,7 +97,8 @@ def run(config_path: str, once: bool, output: str | None, log_level: str | None)
     """Run the agent: answer probes, probe every peer, report.
 
     With --once, exit 0 when every node is reachable, 1 when any is not, 2 on a usage or
-    config error.
+    config error. Without it, exit 0 after SIGTERM, SIGINT or SIGHUP, 2 when it cannot
+    start, 4 when a component kept crashing and could not be restarted.
     """
     setup_logging(log_level or "WARNING")
     config, registry = load_config(config_path)
@@ -100,7 +108,7 @@ def run(config_path: str, once: bool, output: str | None, log_level: str | None)
         code = anyio.run(agent.run, backend="asyncio", backend_options=loop_options())
     except StartupError as exc:
         fail(str(exc))
-    except BaseExceptionGroup as group:  # noqa: F821 - builtin on 3.11+, exceptiongroup on 3.10
+    except BaseExceptionGroup as group:
         startup = _find(group, StartupError)
         if startup is None:
             raise
@@ -192,6 +200,10 @@ def build_cli() -> click.Group:
     except PluginError as exc:
         fail(str(exc))
     registry.add_commands(cli)
+    consoles = registry.console_outputs()
+    for param in run.params:
+        if param.name == "output" and consoles:
+            param.type = click.Choice(consoles)
     return cli
 
 

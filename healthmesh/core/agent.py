@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import signal
 import time
+from collections import deque
 from contextlib import AsyncExitStack
 from typing import Any
 
@@ -12,8 +14,17 @@ import anyio
 from anyio.abc import TaskStatus
 from loguru import logger
 
-from healthmesh.core.components import Output, PeerSource, Probe, ProbeUnavailable, Service
+from healthmesh.core.components import (
+    Component,
+    Output,
+    PeerSource,
+    Probe,
+    ProbeUnavailable,
+    Service,
+)
 from healthmesh.core.config import Config
+from healthmesh.core.health import ComponentHealth
+from healthmesh.core.isolation import ENTER_DEADLINE, IsolatedProbe, LoopWatchdog
 from healthmesh.core.membership import Membership
 from healthmesh.core.model import Node, Snapshot
 from healthmesh.core.plugins import PluginRegistry
@@ -23,6 +34,20 @@ from healthmesh.core.state import StateStore
 
 #: Bound on clean-up work at shutdown, so SIGTERM ends the agent within 2 s.
 SHUTDOWN_BOUND = 1.5
+#: After a shutdown starts, the process ends within this many seconds whatever a plugin does
+#: (the watchdog thread exits it when the clean shutdown has not finished by then).
+HARD_EXIT_AFTER = 4.0
+#: Signals that stop the agent cleanly. SIGHUP too: the agent does not reload its config,
+#: and a SIGHUP's default action would leave the API socket and its lock behind.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+#: Exit code of an agent that stops because a component keeps crashing (docs/architecture.md).
+EXIT_COMPONENT_FAILED = 4
+#: A crashed component is restarted after RESTART_FIRST s, doubling up to RESTART_MAX s; one
+#: that crashes RESTART_LIMIT times within RESTART_WINDOW s stops the agent.
+RESTART_FIRST = 0.25
+RESTART_MAX = 5.0
+RESTART_LIMIT = 5
+RESTART_WINDOW = 60.0
 #: Changes of path state are handed to outputs at most this often (or interval / 10), each
 #: batch after this much settling time.
 CHANGE_GAP = 0.1
@@ -64,6 +89,13 @@ class Agent:
         self.outputs: list[Output] = []
         self.services: list[Service] = []
         self.console: Output | None = None
+        self.health = ComponentHealth()
+        self.watchdog = LoopWatchdog()
+        self._exit_code = 0
+        self._stopping = False
+        #: What a stop cancels: the whole run until the task group exists, then the group
+        #: (so that outputs are still closed after it).
+        self._scope: anyio.CancelScope | None = None
         self._build(console)
         self.scheduler = Scheduler(
             p,
@@ -89,7 +121,12 @@ class Agent:
                 continue
             obj = cls(settings, self)
             if isinstance(obj, Probe):
-                self.probes[cls.name] = obj
+                info = self.registry.infos.get(reg.plugin)
+                # Kinds that do not come with healthmesh run on a loop of their own.
+                self.probes[cls.name] = (
+                    obj if info is not None and info.builtin
+                    else IsolatedProbe(obj, self._probe_fault)
+                )
             elif isinstance(obj, PeerSource):
                 self.sources.append(obj)
             elif isinstance(obj, Output):
@@ -136,6 +173,7 @@ class Agent:
             sorted(self.probes),
             self.config.probing,
             timestamp=timestamp,
+            components=self.health.listing(),
             extra=extra,
         )
 
@@ -146,6 +184,26 @@ class Agent:
 
     def plugins(self) -> list[dict[str, Any]]:
         return self.registry.listing()
+
+    def components(self) -> list[dict[str, Any]]:
+        """Every component's state: ``{name, state, message, since, restarts}``."""
+        return self.health.listing()
+
+    def report(self, component: Component | str, state: str, message: str = "") -> None:
+        """A component reports its own state ("ok", "degraded" or "failed")."""
+        name = component if isinstance(component, str) else component.section_for()
+        self.health.set(name, state, message)
+
+    # -- faults -------------------------------------------------------------------------
+
+    def _probe_fault(self, kind: str, reason: str) -> None:
+        """An isolated kind misbehaves: switch it off, go on with the others."""
+        if kind not in self.probes:
+            return
+        logger.error("probe kind {!r} is switched off: {}", kind, reason)
+        self.health.set(f"probes.{kind}", "failed", f"switched off: {reason}")
+        self.scheduler.disable_kind(kind)
+        self._membership_changed()
 
     # -- wiring -------------------------------------------------------------------------
 
@@ -189,25 +247,65 @@ class Agent:
             await anyio.sleep(gap - CHANGE_SETTLE)
 
     async def run(self) -> int:
-        """Run until SIGINT/SIGTERM (or one round with ``once``); return the exit code."""
+        """Run until SIGINT/SIGTERM/SIGHUP (or one round with ``once``); return the exit code.
+
+        The code is 0, or with ``once`` 1 when a node is unreachable, or
+        ``EXIT_COMPONENT_FAILED`` when a component kept crashing.
+        """
+        self.watchdog.start()
+        self._scope = anyio.CancelScope()
+        previous = self._install_signals()
+        code = 0
+        try:
+            with self._scope:
+                code = await self._run()
+            return self._exit_code or code
+        finally:
+            _restore_signals(previous)
+            if not self._stopping:
+                self.watchdog.stop()
+
+    async def _enter_probes(self, stack: AsyncExitStack) -> None:
+        """Enter every probe kind; one that cannot start is switched off with the reason."""
+        loop = asyncio.get_running_loop()
+        for kind, probe in list(self.probes.items()):
+            name = f"probes.{kind}"
+            try:
+                with anyio.fail_after(ENTER_DEADLINE + 1.0):
+                    await stack.enter_async_context(probe)
+            except ProbeUnavailable as exc:
+                logger.warning("probe kind {!r} is switched off: {}", kind, exc)
+                self.health.set(name, "degraded", f"switched off: {exc}")
+                del self.probes[kind]
+                continue
+            except Exception as exc:  # a plugin's bug must not stop the agent
+                text = _describe(exc)
+                logger.error("probe kind {!r} failed to start and is switched off: {}", kind,
+                             text)
+                self.health.set(name, "failed", f"failed to start: {text}")
+                del self.probes[kind]
+                continue
+            self.health.set(name, "ok")
+            if isinstance(probe, IsolatedProbe):
+                self.watchdog.watch(probe, loop)
+
+    async def _run(self) -> int:
         self.membership.on_change = lambda: None
         async with AsyncExitStack() as stack:
-            for kind, probe in list(self.probes.items()):
-                try:
-                    await stack.enter_async_context(probe)
-                except ProbeUnavailable as exc:
-                    logger.warning("probe kind {!r} is switched off: {}", kind, exc)
-                    del self.probes[kind]
+            await self._enter_probes(stack)
             if not self.probes:
                 raise StartupError("no probe kind is available; see the warnings above")
             code = 0
             async with anyio.create_task_group() as tg:
-                tg.start_soon(self._watch_signals, tg.cancel_scope)
+                if self._stopping:
+                    tg.cancel_scope.cancel()
+                self._scope = tg.cancel_scope
+                tg.start_soon(self.watchdog.heartbeat)
                 for svc in self.services:
-                    await tg.start(self._start, svc.name, svc.run)
+                    await tg.start(self._start, svc.section_for(), svc.run)
                 if not self.once:
                     for out in self.outputs:
-                        await tg.start(self._start, out.name, out.run)
+                        await tg.start(self._start, out.section_for(), out.run)
                     tg.start_soon(self._publish_changes)
                 for src in self.sources:
                     feed = self.membership.feed(src.name)
@@ -235,34 +333,103 @@ class Agent:
                 except Exception as exc:
                     logger.error("output {} failed to close: {}", out.name, exc)
 
-    async def _watch_signals(self, scope: anyio.CancelScope) -> None:
-        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async for signum in signals:
-                logger.info("received {}, shutting down", signal.Signals(signum).name)
-                scope.cancel()
+    def _install_signals(self) -> dict[int, Any]:
+        """Stop cleanly on STOP_SIGNALS; arm the watchdog so the process ends in any case.
+
+        Plain ``signal.signal`` handlers, not the loop's: Python runs them in the main
+        thread even while a plugin blocks the loop, so the hard-exit deadline is armed
+        whatever the loop is doing.
+        """
+        loop = asyncio.get_running_loop()
+
+        def handler(signum: int, frame: object) -> None:
+            if self._stopping:  # a second signal: the operator insists
+                self.watchdog.arm(0.0, self._exit_code)
                 return
+            self._stopping = True
+            self.watchdog.arm(HARD_EXIT_AFTER, self._exit_code)
+            try:
+                loop.call_soon_threadsafe(self._stop, signal.Signals(signum).name)
+            except RuntimeError:  # the loop has closed: the process is ending anyway
+                pass
+
+        previous: dict[int, Any] = {}
+        try:
+            for sig in STOP_SIGNALS:
+                previous[sig] = signal.signal(sig, handler)
+        except ValueError:  # not the main thread (an agent run inside a test): no handlers
+            _restore_signals(previous)
+            return {}
+        return previous
+
+    def _stop(self, why: str) -> None:
+        logger.info("received {}, shutting down", why)
+        if self._scope is not None:
+            self._scope.cancel()
+
+    def _give_up(self, name: str) -> None:
+        """A component cannot be restarted: stop the agent with EXIT_COMPONENT_FAILED."""
+        self._exit_code = EXIT_COMPONENT_FAILED
+        self._stopping = True
+        self.watchdog.arm(HARD_EXIT_AFTER, EXIT_COMPONENT_FAILED)
+        if self._scope is not None:
+            self._scope.cancel()
 
     async def _start(self, name: str, fn: Any, *, task_status: TaskStatus[None]) -> None:
-        started = False
+        """Run ``fn`` (a component's ``run``), restarting it with backoff when it crashes.
 
-        class _Status:
-            def started(self, value: object = None) -> None:
-                nonlocal started
-                started = True
+        A failure before its first ``started()`` is a start-up error (exit 2). After that,
+        a crash is logged and the component restarted after RESTART_FIRST s, doubling up
+        to RESTART_MAX s; RESTART_LIMIT crashes within RESTART_WINDOW s stop the agent with
+        EXIT_COMPONENT_FAILED, so that systemd or Kubernetes restart it.
+        """
+        first = True
+        crashes: deque[float] = deque()
+        delay = RESTART_FIRST
+
+        def on_started() -> None:
+            nonlocal first
+            self.health.set(name, "ok")
+            if first:
+                first = False
                 task_status.started()
 
-        try:
-            await fn(task_status=_Status())
-        except (StartupError, OSError) as exc:
-            if not started:
-                raise StartupError(f"{name}: {exc}") from None
-            logger.error("{} stopped: {}", name, exc)
-        except Exception as exc:
-            if not started:
-                raise StartupError(f"{name}: {type(exc).__name__}: {exc}") from None
-            logger.opt(exception=exc).error("{} stopped: {}: {}", name, type(exc).__name__, exc)
-        if not started:
-            task_status.started()
+        while True:
+            status = _Started(on_started)
+            try:
+                await fn(task_status=status)
+                if first:
+                    first = False
+                    task_status.started()
+                logger.debug("{} finished", name)
+                return
+            except (StartupError, OSError) as exc:
+                error = str(exc)
+            except Exception as exc:
+                error = _describe(exc)
+                if not first:
+                    logger.opt(exception=exc).debug("{} crashed", name)
+            if first:
+                raise StartupError(f"{name}: {error}") from None
+            now = time.monotonic()
+            if status.up_at is not None and now - status.up_at > RESTART_WINDOW:
+                delay = RESTART_FIRST  # it ran well for a while: start the backoff afresh
+            crashes.append(now)
+            while crashes and now - crashes[0] > RESTART_WINDOW:
+                crashes.popleft()
+            if len(crashes) >= RESTART_LIMIT:
+                msg = (f"crashed {len(crashes)} times within {RESTART_WINDOW:g}s, "
+                       f"last: {error}")
+                self.health.set(name, "failed", msg)
+                logger.error("{} {}; stopping the agent (exit code {})", name, msg,
+                             EXIT_COMPONENT_FAILED)
+                self._give_up(name)
+                return
+            self.health.set(name, "degraded", f"crashed: {error}; restarting in {delay:g}s")
+            logger.error("{} crashed: {}; restarting in {:g}s", name, error, delay)
+            await anyio.sleep(delay)
+            delay = min(delay * 2, RESTART_MAX)
+            self.health.restarted(name)
 
     async def _start_source(
         self, src: PeerSource, feed: Any, *, task_status: TaskStatus[None]
@@ -270,4 +437,31 @@ class Agent:
         async def run(*, task_status: TaskStatus[None]) -> None:
             await src.run(feed, task_status=task_status)
 
-        await self._start(f"sources.{src.name}", run, task_status=task_status)
+        await self._start(src.section_for(), run, task_status=task_status)
+
+
+class _Started:
+    """The ``task_status`` a component gets: its first ``started()`` runs ``on_started``."""
+
+    def __init__(self, on_started: Any) -> None:
+        self.up_at: float | None = None
+        self._on_started = on_started
+
+    def started(self, value: object = None) -> None:
+        if self.up_at is None:
+            self.up_at = time.monotonic()
+            self._on_started()
+
+
+def _describe(exc: BaseException) -> str:
+    """``Type: first line of the message``, for one-line logs and component states."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:200]}" if text else type(exc).__name__
+
+
+def _restore_signals(previous: dict[int, Any]) -> None:
+    for sig, old in previous.items():
+        try:
+            signal.signal(sig, old if old is not None else signal.SIG_DFL)
+        except (ValueError, TypeError):
+            pass

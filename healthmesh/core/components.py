@@ -41,6 +41,22 @@ class AgentContext(Protocol):
         """The plugin listing, as ``healthmesh plugins --json`` prints it."""
         ...
 
+    def components(self) -> list[dict[str, Any]]:
+        """Every component's state, sorted by name: dicts of exactly ``name`` (the config
+        section, e.g. ``"responder"``, ``"outputs.api"``, ``"probes.icmp"``), ``state``
+        (``"ok"``, ``"degraded"`` or ``"failed"``), ``message``, ``since`` (RFC 3339, the
+        last change of state) and ``restarts``."""
+        ...
+
+    def report(self, component: Component | str, state: str, message: str = "") -> None:
+        """Report a component's own state: ``context.report(self, "degraded", "why")``.
+
+        ``state`` is ``"ok"``, ``"degraded"`` or ``"failed"`` (ValueError otherwise); the
+        agent also sets it: ``ok`` when the component has started, ``degraded`` while it is
+        being restarted after a crash, ``failed`` when it cannot be restarted.
+        """
+        ...
+
 
 class Component:
     """Common shape: a name, a config section, a Settings class and a constructor."""

@@ -1,12 +1,22 @@
-"""Plugin manager: loads the "healthmesh" entry points, blocks by name, collects components."""
+"""Plugin manager: loads the "healthmesh" entry points, blocks by name, collects components.
+
+Every plugin's code (its import and each of its hooks) runs in a helper thread under a
+deadline: a plugin that raises or hangs is reported in one line, listed as ``failed`` and
+skipped, and never takes the command line or the agent down. Hooks are called through
+pluggy's hook caller (so hook wrappers, tracing and implementations that take fewer
+arguments than the spec all work), one plugin at a time, so that what a plugin registers is
+attributed to it and a duplicate name can be reported with both plugins' names.
+"""
 
 from __future__ import annotations
 
 import os
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import metadata
 from types import ModuleType
-from typing import Any
+from typing import Any, TypeVar
 
 import pluggy
 from loguru import logger
@@ -17,6 +27,9 @@ from healthmesh.core.components import Component, Output, PeerSource, Probe, Ser
 ENTRY_POINT_GROUP = "healthmesh"
 DISABLE_ENV = "HEALTHMESH_DISABLE_PLUGINS"
 CORE_DISTRIBUTION = "healthmesh"
+#: Seconds a plugin's import, and each of its hooks, may take before it is skipped.
+IMPORT_DEADLINE = 5.0
+HOOK_DEADLINE = 3.0
 
 _CATEGORIES: dict[str, tuple[str, type[Component]]] = {
     "register_probe_kinds": ("probe kind", Probe),
@@ -25,9 +38,22 @@ _CATEGORIES: dict[str, tuple[str, type[Component]]] = {
     "register_services": ("service", Service),
 }
 
+#: Plugins that hung in this process (their import or a hook never returned), with the
+#: reason: a later load in the same process skips them at once instead of waiting again
+#: (a second import would block on the first one's module lock).
+_HUNG: dict[str, str] = {}
+#: Failures already logged in this process (the CLI loads the plugins more than once).
+_REPORTED: set[tuple[str, str]] = set()
+
+T = TypeVar("T")
+
 
 class PluginError(Exception):
     """A plugin problem that stops start-up (duplicate kind, hook with no spec)."""
+
+
+class PluginFailed(Exception):
+    """A plugin's import or hook raised or overran its deadline: the plugin is skipped."""
 
 
 @dataclass
@@ -60,6 +86,36 @@ def disabled_from_env() -> set[str]:
     """Plugin names listed in HEALTHMESH_DISABLE_PLUGINS (comma or space separated)."""
     raw = os.environ.get(DISABLE_ENV, "")
     return {p for p in raw.replace(",", " ").split() if p}
+
+
+def call_with_deadline(fn: Callable[[], T], deadline: float, what: str) -> T:
+    """``fn()`` in a daemon thread; its exception re-raised, PluginFailed when it overruns.
+
+    A thread cannot be killed: one that overruns is abandoned (it is a daemon, so it does
+    not keep the process alive) and the caller goes on without its result.
+    """
+    box: dict[str, Any] = {}
+    done = threading.Event()
+
+    def target() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as exc:  # SystemExit from a plugin is a failure too
+            box["error"] = exc
+        finally:
+            done.set()
+
+    threading.Thread(target=target, name=f"healthmesh-plugin {what}", daemon=True).start()
+    if not done.wait(deadline):
+        raise PluginFailed(f"{what} did not return within {deadline:g}s")
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")  # type: ignore[return-value]
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:200]}" if text else type(exc).__name__
 
 
 @dataclass
@@ -109,17 +165,15 @@ class PluginRegistry:
                 self.pm.set_blocked(ep.name)
                 continue
             try:
-                module = ep.load()
-            except Exception as exc:  # a broken third-party plugin must not stop the agent
-                info.status = "failed"
-                info.error = f"{type(exc).__name__}: {exc}"
-                logger.warning(
-                    "plugin {!r} ({} {}) failed to load and is skipped: {}",
-                    ep.name,
-                    dist,
-                    version,
-                    info.error,
-                )
+                if ep.name in _HUNG:
+                    raise PluginFailed(_HUNG[ep.name])
+                module = call_with_deadline(ep.load, IMPORT_DEADLINE, "import")
+            except PluginFailed as exc:  # hung: never try this plugin again in this process
+                _HUNG.setdefault(ep.name, str(exc))
+                self._fail(ep.name, str(exc), "failed to load and is skipped")
+                continue
+            except BaseException as exc:  # a broken third-party plugin must not stop the agent
+                self._fail(ep.name, _describe(exc), "failed to load and is skipped")
                 continue
             self._register(ep.name, module)
         for name, obj in (extra or {}).items():
@@ -146,52 +200,125 @@ class PluginRegistry:
         info = self.infos[name]
         info.hooks = sorted(hook.name for hook in self.pm.get_hookcallers(obj) or () if hook.name)
 
-    def _collect(self) -> None:
-        for hook_name, (label, base) in _CATEGORIES.items():
-            caller = getattr(self.pm.hook, hook_name)
-            for impl in caller.get_hookimpls():
-                self._collect_one(impl, label, base)
+    def _fail(self, name: str, error: str, what: str = "failed and is skipped") -> None:
+        """Mark ``name`` failed, drop it from the hooks, say so once per process."""
+        info = self.infos[name]
+        info.status = "failed"
+        info.error = error
+        info.provides = {}
+        if self.pm.get_plugin(name) is not None:
+            self.pm.unregister(name=name)
+        if (name, error) not in _REPORTED:
+            _REPORTED.add((name, error))
+            logger.warning(
+                "plugin {!r} ({} {}) {}: {}",
+                name,
+                info.distribution or "not installed",
+                info.version or "-",
+                what,
+                error,
+            )
 
-    def _collect_one(self, impl: pluggy.HookImpl, label: str, base: type[Component]) -> None:
-        plugin = impl.plugin_name
+    def _caller_for(self, hook_name: str, plugin: object) -> Any:
+        """A hook caller that reaches ``plugin``'s implementation and every wrapper only."""
+        impls = getattr(self.pm.hook, hook_name).get_hookimpls()
+        if not any(i.plugin is plugin and not _is_wrapper(i) for i in impls):
+            return None
+        others = {i.plugin for i in impls if i.plugin is not plugin and not _is_wrapper(i)}
+        if not others:
+            return getattr(self.pm.hook, hook_name)
+        return self.pm.subset_hook_caller(hook_name, remove_plugins=others)
+
+    def _collect(self) -> None:
+        for name in list(self.infos):
+            plugin = self.pm.get_plugin(name)
+            if plugin is None or self.infos[name].status != "loaded":
+                continue
+            found: list[tuple[str, type[Component]]] = []
+            try:
+                for hook_name, (label, base) in _CATEGORIES.items():
+                    caller = self._caller_for(hook_name, plugin)
+                    if caller is not None:
+                        found += [
+                            (label, cls)
+                            for cls in self._call_register(name, hook_name, caller, label, base)
+                        ]
+            except PluginFailed as exc:
+                self._fail(name, str(exc))
+                continue
+            for label, cls in found:
+                section = cls.section_for()
+                other = self.components.get(section)
+                if other is not None:
+                    raise PluginError(
+                        f"{label} {cls.name!r} is registered twice: by plugin {other.plugin!r} "
+                        f"and by plugin {name!r}"
+                    )
+                self.components[section] = Registered(cls, name, label)
+                self.infos[name].provides.setdefault(label, []).append(cls.name)
+
+    def _call_register(
+        self, plugin: str, hook_name: str, caller: Any, label: str, base: type[Component]
+    ) -> list[type[Component]]:
+        """Call one plugin's ``register_*`` hook; its classes, checked."""
         found: list[type[Component]] = []
+        errors: list[PluginError] = []
+        open_ = [True]
 
         def register(cls: type[Component]) -> None:
+            if not open_[0]:  # a hook thread that overran and woke up later
+                raise PluginError(f"plugin {plugin!r}: {hook_name} has already returned")
             if not (isinstance(cls, type) and issubclass(cls, base)):
-                raise PluginError(
+                errors.append(PluginError(
                     f"plugin {plugin!r} registered {cls!r} as a {label}; "
                     f"it must be a subclass of healthmesh.{base.__name__}"
-                )
+                ))
+                raise errors[-1]
             if not getattr(cls, "name", None):
-                raise PluginError(f"plugin {plugin!r}: {label} {cls.__name__} has no name")
+                errors.append(PluginError(f"plugin {plugin!r}: {label} {cls.__name__} has no name"))
+                raise errors[-1]
             found.append(cls)
 
-        impl.function(register=register)
-        for cls in found:
-            section = cls.section_for()
-            other = self.components.get(section)
-            if other is not None:
-                raise PluginError(
-                    f"{label} {cls.name!r} is registered twice: by plugin {other.plugin!r} "
-                    f"and by plugin {plugin!r}"
-                )
-            self.components[section] = Registered(cls, plugin, label)
-            info = self.infos.get(plugin)
-            if info is not None:
-                info.provides.setdefault(label, []).append(cls.name)
+        if plugin in _HUNG:
+            raise PluginFailed(_HUNG[plugin])
+        try:
+            call_with_deadline(lambda: caller(register=register), HOOK_DEADLINE, hook_name)
+        except PluginFailed as exc:
+            _HUNG[plugin] = str(exc)
+            raise
+        except BaseException as exc:
+            if errors:
+                raise errors[0] from None
+            raise PluginFailed(f"{hook_name} raised {_describe(exc)}") from None
+        finally:
+            open_[0] = False
+        if errors:  # the plugin caught our error and went on: still a broken registration
+            raise errors[0]
+        return found
 
     def add_commands(self, cli: Any) -> None:
-        """Let every plugin add its sub-commands; one that raises is reported and skipped."""
-        for impl in self.pm.hook.register_commands.get_hookimpls():
+        """Let every plugin add its sub-commands; one that raises or hangs is reported."""
+        for name in list(self.infos):
+            plugin = self.pm.get_plugin(name)
+            if plugin is None or self.infos[name].status != "loaded":
+                continue
+            caller = self._caller_for("register_commands", plugin)
+            if caller is None:
+                continue
             try:
-                impl.function(cli=cli)
-            except Exception as exc:
-                logger.warning(
-                    "plugin {!r} failed to add its commands: {}: {}",
-                    impl.plugin_name,
-                    type(exc).__name__,
-                    exc,
-                )
+                if name in _HUNG:
+                    raise PluginFailed(_HUNG[name])
+                call_with_deadline(lambda c=caller: c(cli=cli), HOOK_DEADLINE, "register_commands")
+            except PluginFailed as exc:
+                _HUNG[name] = str(exc)
+                self._fail(name, str(exc))
+            except BaseException as exc:
+                key = (name, f"commands: {_describe(exc)}")
+                if key not in _REPORTED:
+                    _REPORTED.add(key)
+                    logger.warning(
+                        "plugin {!r} failed to add its commands: {}", name, _describe(exc)
+                    )
 
     # -- queries ------------------------------------------------------------------------
 
@@ -199,17 +326,25 @@ class PluginRegistry:
         """Registered components of one category, by section."""
         return {s: r for s, r in self.components.items() if issubclass(r.cls, base)}
 
+    def console_outputs(self) -> list[str]:
+        """Names of the outputs that ``run -o NAME`` can render on stdout."""
+        return sorted(r.cls.name for r in self.of(Output).values() if r.cls.console)
+
     def listing(self) -> list[dict[str, Any]]:
         """Every plugin, loaded or not, as plain dicts."""
         return [info.as_dict() for info in sorted(self.infos.values(), key=lambda i: i.name)]
 
     def failed(self) -> list[PluginInfo]:
-        """Plugins whose import failed."""
+        """Plugins whose import or hooks failed."""
         return [i for i in self.infos.values() if i.status == "failed"]
 
     def blocked(self) -> list[PluginInfo]:
         """Plugins blocked by name."""
         return [i for i in self.infos.values() if i.status == "blocked"]
+
+
+def _is_wrapper(impl: pluggy.HookImpl) -> bool:
+    return bool(impl.hookwrapper or getattr(impl, "wrapper", False))
 
 
 def load_plugins(

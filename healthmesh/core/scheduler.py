@@ -343,10 +343,20 @@ class Scheduler:
         return await self._bounded(kind, paths, single=False)
 
     async def _bounded(self, kind: str, paths: list[Path], *, single: bool) -> list[ProbeResult]:
-        probe = self.probes[kind]
+        """One probe (or batch) of ``kind`` under its timeout; never raises for the plugin.
+
+        An exception becomes a failed result with its text, an overrun ``timeout after``.
+        Kinds not shipped with healthmesh are ``IsolatedProbe``s (core/isolation.py): they
+        run on a loop of their own, so one that blocks or swallows cancellation cannot stall
+        this call past its deadline; the agent switches such a kind off (``disable_kind``).
+        """
+        probe = self.probes.get(kind)
         timeout = self.probing.timeout
         started = time.time()
         results: list[Any]
+        if probe is None:  # switched off while this probe was queued
+            return [ProbeResult(False, None, f"probe kind {kind} is switched off", {}, started,
+                                started)] * len(paths)
         try:
             with anyio.move_on_after(timeout + GRACE) as scope:
                 if single:
@@ -375,6 +385,15 @@ class Scheduler:
             )
             for r in results
         ]
+
+    def disable_kind(self, kind: str) -> None:
+        """Stop probing ``kind``: it leaves ``probes``; the caller then re-sets the paths.
+
+        Queued prompt probes of the kind are dropped; ones already started end under their
+        own deadlines (``_bounded``).
+        """
+        self.probes.pop(kind, None)
+        self._prompt = [s for s in self._prompt if s.kind != kind]
 
     def _done(self, key: SlotKey) -> None:
         left = self._inflight.get(key, 1) - 1

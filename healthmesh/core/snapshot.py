@@ -1,4 +1,4 @@
-"""Build the JSON snapshot (DESIGN.md §3) from the membership and the per-path states."""
+"""Build the JSON snapshot (docs/snapshot.schema.json) from the membership and path states."""
 
 from __future__ import annotations
 
@@ -18,9 +18,13 @@ def build_snapshot(
     probing: ProbingSettings,
     *,
     timestamp: float | None = None,
+    components: list[dict[str, Any]] | None = None,
     extra: dict[str, Any] | None = None,
 ) -> Snapshot:
-    """The agent's current view: every node, path and kind, with summary counts."""
+    """The agent's current view: every node, path and kind, with summary counts.
+
+    ``components`` is the agent's component states (``ComponentHealth.listing()``).
+    """
     nodes_out: list[dict[str, Any]] = []
     counts = {"reachable": 0, "unreachable": 0, "unknown": 0}
     clusters: dict[str, dict[str, int]] = {}
@@ -73,6 +77,7 @@ def build_snapshot(
             name: {"nodes": st.nodes, "stale": st.stale, "reason": st.reason}
             for name, st in membership.status.items()
         },
+        "components": list(components or []),
     }
     if extra:
         data.update(extra)

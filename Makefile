@@ -9,7 +9,20 @@ BIN    := $(VENV)/bin
 SYSTEM_PACKAGES := python3-venv iproute2 iptables fping apache2-utils etcd-server etcd-client \
                    procps openssl
 
-.PHONY: venv system-packages test lint demo bench clean
+# Python 3.10 is the oldest supported version: `make test` also runs these fast unit tests
+# (no root, network namespaces or etcd) on it, in .venv310. The interpreter is python3.10
+# on PATH, else pyenv's (~/.pyenv/versions/3.10*/bin). Under CI=true a missing 3.10 is an
+# error; elsewhere the step is skipped with a note.
+VENV310   := .venv310
+PY310_TESTS := tests/test_detection_logic.py tests/test_layering.py \
+               tests/test_hostile_plugins.py::test_a_hookimpl_taking_fewer_arguments_than_its_spec_works \
+               tests/test_run.py::test_once_json_matches_the_snapshot_schema \
+               tests/test_run.py::test_a_responder_port_in_use_is_a_one_line_error
+FIND_PY310 := for p in $$(command -v python3.10) $$HOME/.pyenv/versions/3.10*/bin/python3.10; do \
+                [ -x "$$p" ] && "$$p" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 10))' \
+                  2>/dev/null && { echo "$$p"; break; }; done
+
+.PHONY: venv system-packages test test-py310 lint demo bench clean
 
 venv: $(VENV)/.installed
 
@@ -35,6 +48,24 @@ lint: venv
 
 test: system-packages venv lint
 	$(BIN)/pytest
+	$(MAKE) --no-print-directory test-py310
+
+test-py310:
+	@py=$$($(FIND_PY310)); \
+	if [ -z "$$py" ]; then \
+	  case "$$CI" in true|1|yes) echo "error: CI=true but no Python 3.10 was found" \
+	    "(python3.10 on PATH or ~/.pyenv/versions/3.10*/bin/python3.10)" >&2; exit 1;; esac; \
+	  echo "skipping the Python 3.10 tests: no python3.10 (on PATH or under ~/.pyenv)"; \
+	  exit 0; \
+	fi; \
+	if [ ! -f $(VENV310)/.installed ] || [ pyproject.toml -nt $(VENV310)/.installed ]; then \
+	  echo "creating $(VENV310) with $$py"; \
+	  "$$py" -m venv $(VENV310) && \
+	  $(VENV310)/bin/pip install --quiet -e . -e examples/healthmesh-tcp \
+	    pytest pytest-timeout jsonschema && touch $(VENV310)/.installed || exit 1; \
+	fi; \
+	echo "== Python 3.10: $(PY310_TESTS)"; \
+	$(VENV310)/bin/pytest -q -p no:cacheprovider $(PY310_TESTS)
 
 demo: venv
 	$(BIN)/healthmesh run -c examples/loopback.toml
@@ -45,4 +76,4 @@ bench: system-packages venv
 	@for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b --json bench/results/$$(basename $$b .py).json || exit 1; done
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache bench/results
+	rm -rf $(VENV) $(VENV310) .pytest_cache .ruff_cache bench/results

@@ -331,6 +331,14 @@ class FlakyService(Service):
             raise ConnectionError("service lost its socket")
         await anyio.sleep_forever()
 
+class Reporter(Output):
+    name = "reporter"
+
+    async def run(self, *, task_status):
+        task_status.started()
+        self.context.report(self, "degraded", "upstream is slow")
+        await anyio.sleep_forever()
+
 class Doomed(Service):
     name = "doomed"
     section = "doomed"
@@ -343,6 +351,7 @@ class Doomed(Service):
 @hookimpl
 def register_outputs(register):
     register(FlakyOutput)
+    register(Reporter)
 
 @hookimpl
 def register_services(register):
@@ -353,7 +362,7 @@ def register_services(register):
 
 def test_crashed_components_are_restarted_and_shown(tmp_path: Path) -> None:
     env = install(tmp_path, FLAKY)
-    cfg, port, _ = agent_config(tmp_path, "[outputs.flaky]\n[flakysvc]\n")
+    cfg, port, _ = agent_config(tmp_path, "[outputs.flaky]\n[flakysvc]\n[outputs.reporter]\n")
     with AgentProc(cfg, env=env) as agent:
         doc = agent.wait_for(
             lambda d: (component(d, "outputs.flaky") or {}).get("restarts") == 1
@@ -367,6 +376,9 @@ def test_crashed_components_are_restarted_and_shown(tmp_path: Path) -> None:
         assert all(set(c) == {"name", "state", "message", "since", "restarts"}
                    for c in doc["components"])
         assert names["responder"]["state"] == "ok" and names["responder"]["restarts"] == 0
+        # A component reports its own state.
+        assert names["outputs.reporter"]["state"] == "degraded"
+        assert names["outputs.reporter"]["message"] == "upstream is slow"
         assert hello_rtt(port) < HELLO_BOUND
         code, _ = agent.stop()
     assert code == 0

@@ -197,7 +197,14 @@ class Agent:
     # -- faults -------------------------------------------------------------------------
 
     def _probe_fault(self, kind: str, reason: str) -> None:
-        """An isolated kind misbehaves: switch it off, go on with the others."""
+        """An isolated kind misbehaves: switch it off (soon, on the loop), go on without it."""
+        try:
+            # Not now: the fault may be reported from inside the scheduler's set_paths.
+            asyncio.get_running_loop().call_soon(self._disable_kind, kind, reason)
+        except RuntimeError:  # no loop (not running yet): nothing is probing it
+            self._disable_kind(kind, reason)
+
+    def _disable_kind(self, kind: str, reason: str) -> None:
         if kind not in self.probes:
             return
         logger.error("probe kind {!r} is switched off: {}", kind, reason)

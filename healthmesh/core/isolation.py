@@ -127,7 +127,13 @@ class IsolatedProbe(Probe):
         self.faulted = False
 
     def supports(self, path: Path) -> bool:
-        return self.real.supports(path)
+        # Called on the agent's loop when membership changes: a plugin's bug here must
+        # not stop the agent.
+        try:
+            return bool(self.real.supports(path))
+        except Exception as exc:
+            self.fault(f"supports() raised {type(exc).__name__}: {exc}")
+            return False
 
     async def __aenter__(self) -> IsolatedProbe:
         self.runner = ProbeLoop(self.name)

@@ -45,6 +45,8 @@ ORPHAN_AGE = 1.0
 ENTER_DEADLINE = 5.0
 #: ``__aexit__`` of an isolated kind may take this long at shutdown.
 EXIT_DEADLINE = 1.0
+#: Time the tasks left on an isolated kind's loop get to end when it stops.
+STOP_WAIT = 0.2
 #: Heartbeat period of isolated kinds' loops, and the watchdog thread's check period.
 BEAT = 0.1
 #: Heartbeat period of the agent's own loop (a wake-up costs ~150 µs: keep them rare).
@@ -59,12 +61,21 @@ class _Beating:
     beat: float = 0.0
 
 
+def _new_loop() -> asyncio.AbstractEventLoop:
+    """uvloop's loop when installed (a cross-thread hand-off costs less), else asyncio's."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
 class ProbeLoop(_Beating):
     """An asyncio event loop running in a daemon thread of its own."""
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self.loop = asyncio.new_event_loop()
+        self.loop = _new_loop()
         self.beat = time.monotonic()
         started = threading.Event()
         self.thread = threading.Thread(
@@ -77,8 +88,16 @@ class ProbeLoop(_Beating):
         asyncio.set_event_loop(self.loop)
         self.loop.call_soon(started.set)
         self.loop.create_task(self._heartbeat())
-        # Left-over tasks (a probe that ignored cancellation) are abandoned, not awaited.
         self.loop.run_forever()
+        # Stopped: cancel what is left and give it a moment; a task that ignores the
+        # cancellation (a probe that swallows it) is abandoned, not awaited.
+        tasks = asyncio.all_tasks(self.loop)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            self.loop.run_until_complete(asyncio.wait(tasks, timeout=STOP_WAIT))
+        if not any(not t.done() for t in tasks):
+            self.loop.close()
 
     async def _heartbeat(self) -> None:
         while True:
@@ -89,9 +108,11 @@ class ProbeLoop(_Beating):
         return asyncio.run_coroutine_threadsafe(coro, self.loop)
 
     def stop(self) -> None:
+        """Stop the loop; wait up to 2 × STOP_WAIT for its thread (it may be blocked)."""
         self.stopped = True
         if not self.loop.is_closed():
             self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(2 * STOP_WAIT)
 
     stopped = False
 

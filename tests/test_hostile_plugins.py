@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from healthmesh.core.health import ComponentHealth
 from tests.agentproc import AgentProc, free_port
 from tests.conftest import run_cli
 from tests.test_plugins import fake_distribution
@@ -459,7 +460,25 @@ def test_the_watchdog_ends_a_shutdown_that_does_not_finish(tmp_path: Path) -> No
         code, took = agent.stop(timeout=15)
     assert took < 4.0 + STOP_BOUND, f"took {took:.1f}s"
     assert code == 0, agent.stderr()
-    assert "shutdown did not finish within its deadline" in agent.stderr()
+    err = agent.stderr()
+    assert "event loop has been blocked" in err  # the watchdog's warning
+    assert "shutdown did not finish within its deadline" in err
+    assert "Traceback" not in err
+
+
+def test_component_states_are_checked_and_keep_their_since() -> None:
+    health = ComponentHealth()
+    health.set("outputs.x", "ok")
+    since = health.listing()[0]["since"]
+    health.set("outputs.x", "ok", "still fine")
+    assert health.listing() == [
+        {"name": "outputs.x", "state": "ok", "message": "still fine", "since": since,
+         "restarts": 0}
+    ]
+    with pytest.raises(ValueError, match="ok, degraded, failed"):
+        health.set("outputs.x", "sad")
+    health.set("outputs.x", "failed", "x" * 1000)
+    assert len(health.listing()[0]["message"]) == 300
 
 
 STUCK_OUTPUT = """

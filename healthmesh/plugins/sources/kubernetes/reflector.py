@@ -103,7 +103,7 @@ class Reflector:
                     await anyio.sleep(self.absent_recheck)
                     continue
                 self._fail(str(exc), loud=exc.status in (401, 403))
-            except (httpx.HTTPError, OSError) as exc:
+            except (httpx.HTTPError, OSError, ValueError) as exc:  # ValueError: a token file
                 reason = f"{self.res.plural}: {_describe(exc)}"
                 if self._opened:
                     # A watch that was running broke (a server restart, a proxy timeout):

@@ -64,3 +64,38 @@ def test_unset_variable_in_the_config_is_one_line_naming_file_key_and_variable(
         "(referenced as ${HOST_IP}; use ${HOST_IP:-default} for a fallback)"
     ]
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("kubeconfig", "section", "message"),
+    [
+        ("users: [", "", "kubeconfig: not a valid kubeconfig"),
+        ('{"current-context": "x", "contexts": []}', "", "contexts: no entry named 'x'"),
+        (
+            '{"current-context": "t", "contexts": [{"name": "t", "context": {"cluster": "c",'
+            ' "user": "u"}}], "clusters": [{"name": "c", "cluster": {"server": "https://k:6443"}}],'
+            ' "users": [{"name": "u", "user": {"exec": {"command": "aws"}}}]}',
+            "",
+            "users[u]: exec and auth-provider credentials are not supported",
+        ),
+        (None, "", "kubeconfig: cannot read kubeconfig: No such file or directory"),
+        ("{}", 'address_types = ["Hostname"]', "address_types[0]: 'Hostname' is not one of"),
+        ("{}", 'watch_timeout = "0s"', "watch_timeout: must be between 1s and 1h"),
+    ],
+)
+def test_bad_kubernetes_settings_are_one_line_naming_the_file_and_key(
+    tmp_path: Path, kubeconfig: str | None, section: str, message: str
+) -> None:
+    kc = tmp_path / "kubeconfig"
+    if kubeconfig is not None:
+        kc.write_text(kubeconfig)
+    cfg = tmp_path / "h.toml"
+    cfg.write_text(
+        '[node]\nname = "a"\naddresses = ["127.0.0.1"]\n\n'
+        f'[sources.kubernetes]\nkubeconfig = "kubeconfig"\n{section}\n'
+    )
+    proc = run_cli("config", "check", "-c", str(cfg))
+    assert proc.returncode == 2, proc.stdout
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -170,6 +170,10 @@ async def test_a_relist_after_410_neither_loses_nor_duplicates_nodes(
         assert any("too old resource version" in ln and "listing again" in ln for ln in lines)
         assert set(mesh(m)) == {f"default/n{i}" for i in (1, 3, 4, 5, 6)}
         assert mesh(m)["default/n3"].addresses == ("127.0.1.33",)
+        # The first list may come from the server's cache (resourceVersion=0), the relist
+        # after a 410 must not.
+        lists = [p for r, v, p in double.requests if r == NODES and v == "list"]
+        assert [p.get("resourceVersion") for p in lists] == ["0", None]
         assert replaced and all(len(ids) == len(set(ids)) for ids in replaced)
 
 
@@ -360,3 +364,24 @@ async def test_in_cluster_service_account_token_is_reread_as_it_rotates(
             d.put(NODES, node("n2", ("InternalIP", "127.0.0.3")))
             await until(lambda: "default/n2" in mesh(m), 5.0, "watch with the rotated token")
             assert d.list_count(NODES) == 1
+
+
+async def test_node_updates_that_change_nothing_shown_do_not_churn_the_mesh(
+    tmp_path: Path, double: KubeDouble
+) -> None:
+    double.put(NODES, node("n1", ("InternalIP", "127.0.0.2")))
+    async with running(tmp_path, kubeconfig_for(tmp_path, double)) as (src, m):
+        updated = m.status["kubernetes"].updated_at
+        # kubelet status updates: new resourceVersion, an unrelated label; nothing healthmesh shows.
+        for i in range(5):
+            double.put(NODES, node("n1", ("InternalIP", "127.0.0.2"), labels={"beat": str(i)}))
+        double.put(NODES, node("n2", ("InternalIP", "127.0.0.3")))  # then a real change
+        await until(lambda: "default/n2" in mesh(m), 1.0, "real change")
+        assert m.status["kubernetes"].updated_at != updated
+        updated = m.status["kubernetes"].updated_at
+        double.put(NODES, node("n1", ("InternalIP", "127.0.0.2"), labels={"beat": "x"}))
+        rv = double.rv
+        reflector = src.nodes_reflector
+        assert reflector is not None
+        await until(lambda: reflector.resource_version == str(rv), 2.0, "event seen")
+        assert m.status["kubernetes"].updated_at == updated

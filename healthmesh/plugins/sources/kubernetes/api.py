@@ -9,6 +9,7 @@ between reads. Errors come back as ``ApiError`` carrying the HTTP status (410 fo
 from __future__ import annotations
 
 import json
+import random
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -77,9 +78,13 @@ class Api:
         self.limits = limits
 
     async def list(
-        self, res: Resource, label_selector: str = ""
+        self, res: Resource, label_selector: str = "", *, cached: bool = False
     ) -> tuple[list[dict[str, Any]], str]:
-        """Every object (all pages) and the list's ``resourceVersion``."""
+        """Every object (all pages) and the list's ``resourceVersion``.
+
+        ``cached``: ``resourceVersion=0``, served from the API server's watch cache instead of
+        a quorum read of etcd; what a DaemonSet's agents starting together should ask for.
+        """
         items: list[dict[str, Any]] = []
         cont = ""
         while True:
@@ -88,6 +93,8 @@ class Api:
                 params["labelSelector"] = label_selector
             if cont:
                 params["continue"] = cont
+            elif cached:
+                params["resourceVersion"] = "0"
             body = await self._get_json(res, params)
             page = body.get("items")
             meta = body.get("metadata")
@@ -133,7 +140,8 @@ class Api:
             "watch": "true",
             "allowWatchBookmarks": "true",
             "resourceVersion": resource_version,
-            "timeoutSeconds": max(1, int(lim.watch_timeout)),
+            # Spread over 80-100% so that the agents of a cluster do not all come back at once.
+            "timeoutSeconds": max(1, round(lim.watch_timeout * random.uniform(0.8, 1.0))),
         }
         if label_selector:
             params["labelSelector"] = label_selector
@@ -143,7 +151,7 @@ class Api:
                 raise await _error(resp, res, "watch")
             opened()
             buf = bytearray()
-            async for chunk in resp.aiter_raw():
+            async for chunk in resp.aiter_bytes():
                 buf += chunk
                 while True:
                     nl = buf.find(b"\n")

@@ -141,14 +141,15 @@ def from_kubeconfig(path: str, context: str | None) -> ApiConfig:
     try:
         doc = yaml.safe_load(raw.decode("utf-8"))
     except (UnicodeDecodeError, yaml.YAMLError) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ConfigError(f"{path}: not a valid kubeconfig: {reason}") from None
+        raise ConfigError(f"{path}: not a valid kubeconfig: {_yaml_reason(exc)}") from None
     if not isinstance(doc, dict):
         raise ConfigError(f"{path}: not a valid kubeconfig: expected a mapping")
     base = FsPath(path).resolve().parent
     name = context or doc.get("current-context")
     if not name:
-        raise ConfigError(f"{path}: current-context: not set; set context")
+        raise ConfigError(
+            f"{path}: current-context: not set; set context in [sources.kubernetes]"
+        )
     ctx = _named(doc, "contexts", "context", str(name), path)
     cluster = _named(doc, "clusters", "cluster", str(ctx.get("cluster", "")), path)
     user = _named(doc, "users", "user", str(ctx.get("user", "")), path) if ctx.get("user") else {}
@@ -169,6 +170,15 @@ def from_kubeconfig(path: str, context: str | None) -> ApiConfig:
     elif user.get("username"):
         auth = httpx.BasicAuth(str(user["username"]), str(user.get("password", "")))
     return ApiConfig(origin=path, server=server.rstrip("/"), verify=verify, auth=auth)
+
+
+def _yaml_reason(exc: Exception) -> str:
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem:
+        mark = exc.problem_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        return f"{exc.problem}{where}"
+    text = str(exc)
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _named(doc: dict[str, Any], key: str, inner: str, name: str, path: str) -> dict[str, Any]:

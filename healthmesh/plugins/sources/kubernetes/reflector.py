@@ -119,7 +119,9 @@ class Reflector:
 
     async def _list(self) -> None:
         self._opened = False
-        items, rv = await self.api.list(self.res, self.selector)
+        # The first list may come from the server's watch cache; after a 410 it must not
+        # (the cache may be older than what was already seen), as client-go's reflector does.
+        items, rv = await self.api.list(self.res, self.selector, cached=self._gone == 0)
         if not rv:
             raise ApiError(0, f"list {self.res.plural}: no metadata.resourceVersion")
         self.lists += 1

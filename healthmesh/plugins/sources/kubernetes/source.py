@@ -114,6 +114,7 @@ class KubernetesSource(PeerSource):
         self._health: dict[str, tuple[str, ...]] = {}
         self._skipped: set[str] = set()
         self._problem: dict[str, str] = {}
+        self._view: dict[str, tuple[Node, tuple[Any, ...], tuple[Any, ...]]] = {}
 
     async def run(self, feed: SourceFeed, *, task_status: TaskStatus[None]) -> None:
         self.feed = feed
@@ -204,6 +205,14 @@ class KubernetesSource(PeerSource):
             if node.id != self.exclude:
                 nodes.append(node)
         self._facts = facts_cache
+        # Node objects change often (kubelet status updates) in ways that do not matter
+        # here: hand the mesh a new set only when what it shows changed.
+        view = {n.id: (n, tuple(sorted(n.info.items())), tuple(sorted(n.labels.items())))
+                for n in nodes}  # fmt: skip
+        if view == self._view:
+            return
+        _log_changes(set(self._view), set(view))
+        self._view = view
         self.feed.replace(nodes)
 
     def _mark(self, what: str, reason: str | None) -> None:
@@ -224,3 +233,14 @@ class KubernetesSource(PeerSource):
 
 async def _follow(reflector: Reflector, *, task_status: TaskStatus[None]) -> None:
     await reflector.run(ready=task_status.started)
+
+
+def _log_changes(before: set[str], after: set[str]) -> None:
+    joined, left = sorted(after - before), sorted(before - after)
+    if len(joined) + len(left) > 20:
+        logger.info("sources.kubernetes: {} nodes joined, {} left", len(joined), len(left))
+        return
+    for node_id in joined:
+        logger.info("sources.kubernetes: node {} joined", node_id)
+    for node_id in left:
+        logger.info("sources.kubernetes: node {} left", node_id)

@@ -50,9 +50,11 @@ class KubeDouble:
         cilium_crd: bool = True,
         bookmark_interval: float = 0.25,
         host: str = "127.0.0.1",
+        require_client_cert: bool = False,
     ) -> None:
         self.token = token
         self.tls = tls
+        self.require_client_cert = require_client_cert
         self.cilium_crd = cilium_crd
         self.bookmark_interval = bookmark_interval
         self.host = host
@@ -116,7 +118,8 @@ class KubeDouble:
             ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             ctx.load_cert_chain(self.tls["cert"], self.tls["key"])
             ctx.load_verify_locations(self.tls["ca"])
-            ctx.verify_mode = ssl.CERT_OPTIONAL  # client certificates accepted, not required
+            # Client certificates accepted, or required (the kubeconfig's client-certificate).
+            ctx.verify_mode = ssl.CERT_REQUIRED if self.require_client_cert else ssl.CERT_OPTIONAL
         self._server = await asyncio.start_server(
             self._handle, self.host, self.port, ssl=ctx, reuse_address=True
         )
@@ -466,9 +469,10 @@ def cilium_node(name: str, ipv4: str = "", ipv6: str = "") -> dict[str, Any]:
 
 
 def write_kubeconfig(path: str, server: str, *, token: str | None = None,
-                     token_file: str | None = None, ca: str | None = None) -> str:  # fmt: skip
+                     token_file: str | None = None, ca: str | None = None,
+                     user: dict[str, Any] | None = None) -> str:  # fmt: skip
     """A kubeconfig with one context for ``server``; returns ``path``."""
-    user: dict[str, Any] = {}
+    user = dict(user or {})
     if token:
         user["token"] = token
     if token_file:

@@ -6,6 +6,7 @@ membership; the double speaks the list/watch wire format and breaks it on demand
 
 from __future__ import annotations
 
+import base64
 import os
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -385,3 +386,36 @@ async def test_node_updates_that_change_nothing_shown_do_not_churn_the_mesh(
         assert reflector is not None
         await until(lambda: reflector.resource_version == str(rv), 2.0, "event seen")
         assert m.status["kubernetes"].updated_at == updated
+
+
+async def test_https_with_a_client_certificate_from_kubeconfig_data(tmp_path: Path) -> None:
+    tls = make_tls(tmp_path / "pki")
+    data = {
+        "client-certificate-data": base64.b64encode(Path(tls["client_cert"]).read_bytes()),
+        "client-key-data": base64.b64encode(Path(tls["client_key"]).read_bytes()),
+    }
+    user = {k: v.decode() for k, v in data.items()}
+    with KubeDouble(tls=tls, token=None, require_client_cert=True) as d:
+        d.put(NODES, node("n1", ("InternalIP", "127.0.0.2")))
+        kc = write_kubeconfig(str(tmp_path / "kc"), d.url, ca=tls["ca"], user=user)
+        async with running(tmp_path, kc) as (_src, m):
+            assert set(mesh(m)) == {"default/n1"}
+        # The same server refuses a client without the certificate.
+        bare = write_kubeconfig(str(tmp_path / "bare"), d.url, ca=tls["ca"])
+        async with running(tmp_path, bare) as (_src, m):
+            assert mesh(m) == {} and m.status["kubernetes"].stale
+
+
+async def test_an_event_larger_than_its_bound_is_refused_not_buffered(
+    tmp_path: Path, double: KubeDouble
+) -> None:
+    double.put(NODES, node("n1", ("InternalIP", "127.0.0.2")))
+    kc = kubeconfig_for(tmp_path, double)
+    with log_lines() as lines:
+        async with running(tmp_path, kc, max_event_bytes=8192) as (_src, m):
+            big = node("n2", ("InternalIP", "127.0.0.3"))
+            big["metadata"]["annotations"] = {"huge": "x" * 20000}
+            double.put(NODES, big)
+            await until(lambda: m.status["kubernetes"].stale, 5.0, "stale on the big event")
+            assert "default/n2" not in mesh(m) and "default/n1" in mesh(m)
+    assert any("an event is longer than 8192 bytes" in ln for ln in lines), lines

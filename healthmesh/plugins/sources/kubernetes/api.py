@@ -157,17 +157,21 @@ class Api:
                     nl = buf.find(b"\n")
                     if nl < 0:
                         break
+                    if nl > lim.max_line_bytes:
+                        raise _too_long(res, lim.max_line_bytes)
                     line = bytes(buf[:nl])
                     del buf[: nl + 1]
                     if not line.strip():
                         continue
                     yield _event(line, res), b"\n" in buf
                 if len(buf) > lim.max_line_bytes:
-                    raise ApiError(
-                        0, f"watch {res.plural}: an event is longer than {lim.max_line_bytes} bytes"
-                    )
+                    raise _too_long(res, lim.max_line_bytes)
             if buf.strip():
                 raise httpx.RemoteProtocolError(f"watch {res.plural}: stream cut mid-event")
+
+
+def _too_long(res: Resource, limit: int) -> ApiError:
+    return ApiError(0, f"watch {res.plural}: an event is longer than {limit} bytes")
 
 
 def _event(line: bytes, res: Resource) -> Event:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
@@ -23,6 +24,16 @@ from healthmesh.plugins.sources.kubernetes.nodes import (
 from healthmesh.plugins.sources.kubernetes.reflector import Reflector
 
 ADDRESS_TYPES = ("InternalIP", "ExternalIP")
+
+
+@dataclass(frozen=True)
+class Built:
+    """One Node object as last read: its version, facts, health addresses, and the node."""
+
+    version: str
+    facts: NodeFacts | None
+    health: tuple[str, ...]
+    node: Node | None  # None: skipped, not ready (with skip_not_ready), or this agent
 
 
 class KubernetesSettings(ComponentSettings, kw_only=True):
@@ -109,12 +120,12 @@ class KubernetesSource(PeerSource):
         self.feed: SourceFeed | None = None
         self.nodes_reflector: Reflector | None = None
         self.cilium_reflector: Reflector | None = None
-        #: name -> (the object's resourceVersion, its facts): unchanged objects are not re-read.
-        self._facts: dict[str, tuple[str, NodeFacts | None]] = {}
+        #: name -> what was made of the Node object of that name (see _publish).
+        self._built: dict[str, Built] = {}
+        self._published: set[str] = set()
         self._health: dict[str, tuple[str, ...]] = {}
         self._skipped: set[str] = set()
         self._problem: dict[str, str] = {}
-        self._view: dict[str, tuple[Node, tuple[Any, ...], tuple[Any, ...]]] = {}
 
     async def run(self, feed: SourceFeed, *, task_status: TaskStatus[None]) -> None:
         self.feed = feed
@@ -179,41 +190,53 @@ class KubernetesSource(PeerSource):
             self._publish()
 
     def _publish(self) -> None:
+        """Hand the mesh the current node set, when what it shows changed.
+
+        Kubelets update their Node objects often in ways that do not matter here; an object
+        whose resourceVersion and health addresses are unchanged is not read again, and one
+        that changed but says the same (same facts) does not count as a change.
+        """
         assert self.nodes_reflector is not None and self.feed is not None
-        nodes: list[Node] = []
-        facts_cache: dict[str, tuple[str, NodeFacts | None]] = {}
+        built: dict[str, Built] = {}
+        changed = False
         for name, obj in self.nodes_reflector.objects.items():
             version = str((obj.get("metadata") or {}).get("resourceVersion") or "")
-            cached = self._facts.get(name)
-            if cached is not None and version and cached[0] == version:
-                facts = cached[1]
-            else:
-                try:
-                    facts = node_facts(obj, self.settings.address_types)
-                except Skip as exc:
-                    facts = None
-                    if name not in self._skipped:
-                        logger.warning("sources.kubernetes: skipping {}", exc)
-                        self._skipped.add(name)
-            facts_cache[name] = (version, facts)
-            if facts is None:
+            health = self._health.get(name, ())
+            old = self._built.get(name)
+            same_object = old is not None and bool(version) and old.version == version
+            if same_object and old is not None and old.health == health:
+                built[name] = old
                 continue
-            self._skipped.discard(name)
-            if self.settings.skip_not_ready and facts.ready != "True":
-                continue
-            node = to_node(facts, self.cluster, self._health.get(name, ()))
-            if node.id != self.exclude:
-                nodes.append(node)
-        self._facts = facts_cache
-        # Node objects change often (kubelet status updates) in ways that do not matter
-        # here: hand the mesh a new set only when what it shows changed.
-        view = {n.id: (n, tuple(sorted(n.info.items())), tuple(sorted(n.labels.items())))
-                for n in nodes}  # fmt: skip
-        if view == self._view:
+            facts = old.facts if same_object and old is not None else self._facts_of(name, obj)
+            node: Node | None = None
+            if facts is not None and not (self.settings.skip_not_ready and facts.ready != "True"):
+                node = to_node(facts, self.cluster, health)
+                if node.id == self.exclude:
+                    node = None
+            if old is None or old.facts != facts or old.health != health or old.node != node:
+                changed = True
+            built[name] = Built(version, facts, health, node)
+        gone = (n for n, b in self._built.items() if b.node is not None and n not in built)
+        changed = changed or any(gone)
+        self._built = built
+        if not changed:
             return
-        _log_changes(set(self._view), set(view))
-        self._view = view
+        nodes = [b.node for b in built.values() if b.node is not None]
+        ids = {n.id for n in nodes}
+        _log_changes(self._published, ids)
+        self._published = ids
         self.feed.replace(nodes)
+
+    def _facts_of(self, name: str, obj: dict[str, Any]) -> NodeFacts | None:
+        try:
+            facts = node_facts(obj, self.settings.address_types)
+        except Skip as exc:
+            if name not in self._skipped:
+                logger.warning("sources.kubernetes: skipping {}", exc)
+                self._skipped.add(name)
+            return None
+        self._skipped.discard(name)
+        return facts
 
     def _mark(self, what: str, reason: str | None) -> None:
         if self.feed is None:

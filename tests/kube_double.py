@@ -65,6 +65,7 @@ class KubeDouble:
         self.compacted = 0  # watches from a version below this get 410
         self.forbidden: set[str] = set()
         self.silent = False
+        self.end_watches_at_once = False  # a proxy that closes every watch straight away
         self.requests: list[tuple[str, str, dict[str, str]]] = []  # (resource, verb, params)
         self._snapshots: dict[str, list[dict[str, Any]]] = {}
         self._changed = asyncio.Event()
@@ -352,6 +353,9 @@ class KubeDouble:
         deadline = time.monotonic() + float(params.get("timeoutSeconds", "1800"))
         since = int(params.get("resourceVersion", "0") or 0)
         kind, api_version = KINDS[resource]
+        if self.end_watches_at_once:
+            await self._end(writer)
+            return
         if since and since < self.compacted:
             await self._chunk(writer, {"type": "ERROR", "object": {
                 "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",

@@ -419,3 +419,34 @@ async def test_an_event_larger_than_its_bound_is_refused_not_buffered(
             await until(lambda: m.status["kubernetes"].stale, 5.0, "stale on the big event")
             assert "default/n2" not in mesh(m) and "default/n1" in mesh(m)
     assert any("an event is longer than 8192 bytes" in ln for ln in lines), lines
+
+
+async def test_watches_that_end_at_once_do_not_make_the_source_spin(
+    tmp_path: Path, double: KubeDouble
+) -> None:
+    double.put(NODES, node("n1", ("InternalIP", "127.0.0.2")))
+    double.end_watches_at_once = True
+    async with running(tmp_path, kubeconfig_for(tmp_path, double), retry_max="1s") as (_s, m):
+        before = double.watch_count(NODES)
+        await anyio.sleep(2.0)
+        # Backoff 0.5 s, 1 s, 1 s...: a handful, not thousands.
+        assert double.watch_count(NODES) - before <= 6
+        assert set(mesh(m)) == {"default/n1"} and not m.status["kubernetes"].stale
+        double.end_watches_at_once = False
+        double.put(NODES, node("n2", ("InternalIP", "127.0.0.3")))
+        await until(lambda: "default/n2" in mesh(m), 3.0, "watching again")
+
+
+async def test_max_nodes_bounds_what_the_watch_adds_too(
+    tmp_path: Path, double: KubeDouble
+) -> None:
+    double.put_many(NODES, [node(f"n{i}", ("InternalIP", f"127.0.0.{i + 1}")) for i in (1, 2)])
+    with log_lines() as lines:
+        async with running(tmp_path, kubeconfig_for(tmp_path, double), max_nodes=3) as (_s, m):
+            double.put(NODES, node("n3", ("InternalIP", "127.0.0.4")))
+            double.put(NODES, node("n4", ("InternalIP", "127.0.0.5")))
+            await until(lambda: any("skipping nodes n4" in ln for ln in lines), 2.0, "warning")
+            assert set(mesh(m)) == {"default/n1", "default/n2", "default/n3"}
+            double.delete(NODES, "n1")  # room again: the next change is taken
+            double.put(NODES, node("n5", ("InternalIP", "127.0.0.6")))
+            await until(lambda: "default/n5" in mesh(m), 1.0, "n5 after n1 left")

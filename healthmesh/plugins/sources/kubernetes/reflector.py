@@ -84,8 +84,11 @@ class Reflector:
                     if not said_ready:
                         said_ready = True
                         ready()
-                await self._watch()
-                self.backoff.reset()  # a clean end: the server's timeoutSeconds
+                if await self._watch():
+                    continue  # a clean end after events: the server's timeoutSeconds
+                # A clean end without a single event or bookmark: not an error, but a server
+                # or proxy that ends watches at once must not make this loop spin.
+                await anyio.sleep(self.backoff.next())
                 continue
             except ApiError as exc:
                 if exc.status == 410:
@@ -138,25 +141,33 @@ class Reflector:
         self._opened = True
         self._ok()
 
-    async def _watch(self) -> None:
+    async def _watch(self) -> bool:
+        """Apply events until the stream ends; whether any event (or bookmark) came."""
         self.watches += 1
         self._opened = False
         pending = False
+        received = False
+        limit = self.api.limits.max_objects
         try:
             async for event, more in self.api.watch(
                 self.res, self.resource_version, self.selector, opened=self._open
             ):
                 self.backoff.reset()
                 self._gone = 0
+                received = True
                 rv = event.resource_version
                 if event.type != "BOOKMARK":
                     name = name_of(event.object)
-                    if name:
-                        if event.type == "DELETED":
-                            pending |= self.objects.pop(name, None) is not None
-                        else:
-                            self.objects[name] = event.object
-                            pending = True
+                    if name and event.type == "DELETED":
+                        pending |= self.objects.pop(name, None) is not None
+                    elif name and (name in self.objects or len(self.objects) < limit):
+                        self.objects[name] = event.object
+                        pending = True
+                    elif name:
+                        logger.warning(
+                            "{}: skipping {} {}: more than max_nodes ({})",
+                            self.label, self.res.plural, name[:100], limit,
+                        )  # fmt: skip
                 if rv:
                     self.resource_version = rv
                 if pending and not more:  # publish once per burst of buffered events
@@ -165,6 +176,7 @@ class Reflector:
         finally:
             if pending:
                 self.changed()
+        return received
 
     def _ok(self) -> None:
         if self._said is not None:

@@ -51,6 +51,7 @@ class KubeDouble:
         bookmark_interval: float = 0.25,
         host: str = "127.0.0.1",
         require_client_cert: bool = False,
+        port: int = 0,
     ) -> None:
         self.token = token
         self.tls = tls
@@ -58,7 +59,7 @@ class KubeDouble:
         self.cilium_crd = cilium_crd
         self.bookmark_interval = bookmark_interval
         self.host = host
-        self.port = 0
+        self.port = port
         self.rv = 100
         self.objects: dict[str, dict[str, dict[str, Any]]] = {NODES: {}, CILIUM: {}}
         self.history: list[tuple[int, str, str, dict[str, Any]]] = []

@@ -24,6 +24,7 @@ from healthmesh.core.config import convert
 from healthmesh.core.membership import Membership
 from healthmesh.plugins.sources.kubernetes import kubeconfig as kubeconfig_module
 from healthmesh.plugins.sources.kubernetes.source import KubernetesSettings, KubernetesSource
+from tests.agentproc import free_port
 from tests.etcd_fixtures import make_tls
 from tests.kube_double import CILIUM, NODES, KubeDouble, cilium_node, node, write_kubeconfig
 
@@ -450,3 +451,19 @@ async def test_max_nodes_bounds_what_the_watch_adds_too(
             double.delete(NODES, "n1")  # room again: the next change is taken
             double.put(NODES, node("n5", ("InternalIP", "127.0.0.6")))
             await until(lambda: "default/n5" in mesh(m), 1.0, "n5 after n1 left")
+
+
+async def test_an_api_server_down_at_start_is_stale_then_followed_once_it_is_up(
+    tmp_path: Path,
+) -> None:
+    port = free_port()
+    kc = write_kubeconfig(str(tmp_path / "kc"), f"http://127.0.0.1:{port}", token="test-token")
+    start = time.monotonic()
+    async with running(tmp_path, kc, retry_max="1s") as (_src, m):
+        assert time.monotonic() - start < 3.0  # started after one failed attempt, not hung
+        assert mesh(m) == {} and m.status["kubernetes"].stale
+        assert "kubernetes:" in (m.status["kubernetes"].reason or "")
+        with KubeDouble(port=port) as d:
+            d.put(NODES, node("n1", ("InternalIP", "127.0.0.2")))
+            await until(lambda: "default/n1" in mesh(m), 5.0, "listed once the server is up")
+            await until(lambda: not m.status["kubernetes"].stale, 2.0, "fresh")

@@ -176,9 +176,16 @@ class KubernetesSource(PeerSource):
                 absent_ok=True,
             )
         async with client, anyio.create_task_group() as tg:
-            if self.cilium_reflector is not None:  # health addresses first, when there are any
-                await tg.start(_follow, self.cilium_reflector)  # ready after one attempt
-            await tg.start(_follow, self.nodes_reflector)
+            # Both at once, and started when both have listed or failed once (each attempt
+            # is bounded by ``timeout``), so the first node set has its health addresses.
+            waits = []
+            for reflector in (self.cilium_reflector, self.nodes_reflector):
+                if reflector is not None:
+                    ready = anyio.Event()
+                    waits.append(ready)
+                    tg.start_soon(reflector.run, ready.set)
+            for ready in waits:
+                await ready.wait()
             task_status.started()
 
     def _cilium_changed(self) -> None:
@@ -252,10 +259,6 @@ class KubernetesSource(PeerSource):
             self.feed.mark_stale("kubernetes: " + "; ".join(self._problem.values()))
         else:
             self.feed.mark_fresh()
-
-
-async def _follow(reflector: Reflector, *, task_status: TaskStatus[None]) -> None:
-    await reflector.run(ready=task_status.started)
 
 
 def _log_changes(before: set[str], after: set[str]) -> None:

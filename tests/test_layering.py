@@ -32,8 +32,8 @@ def test_plugins_import_only_the_public_api() -> None:
     for path in (PKG / "plugins").rglob("*.py"):
         rel = path.relative_to(PKG / "plugins").parts
         own = "healthmesh.plugins." + ".".join(rel[:-1] or [rel[0].removesuffix(".py")])
-        if rel[0] in ("sources", "outputs"):  # one module per plugin in these folders
-            own = "healthmesh.plugins." + rel[0] + "." + rel[-1].removesuffix(".py")
+        if rel[0] in ("sources", "outputs"):  # one module, or one package, per plugin here
+            own = "healthmesh.plugins." + rel[0] + "." + rel[1].removesuffix(".py")
         for mod in imported_modules(path):
             if mod == "healthmesh" or not mod.startswith("healthmesh"):
                 continue

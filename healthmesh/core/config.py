@@ -13,6 +13,7 @@ from typing import Any
 
 import msgspec
 
+from healthmesh.core.envsubst import EnvSubstError, substitute_env
 from healthmesh.core.units import format_duration, parse_duration
 
 if sys.version_info >= (3, 11):
@@ -235,6 +236,10 @@ def parse_raw(text: str, name: str = "<config>") -> RawConfig:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{name}: invalid TOML: {exc}") from None
+    try:  # ${VAR} in string values (docs/kubernetes.md: one ConfigMap for every node)
+        data = substitute_env(data)
+    except EnvSubstError as exc:
+        raise ConfigError(f"{name}: {exc}") from None
     core_data = {k: data[k] for k in CORE_SECTIONS if k in data}
     try:
         core = convert(core_data, CoreSettings, "")

@@ -104,4 +104,13 @@ def effective(config: Config) -> dict[str, Any]:
         for part in parts[:-1]:
             node = node.setdefault(part, {})
         node[parts[-1]] = to_builtins(settings)
-    return out
+    return _drop_none(out)
+
+
+def _drop_none(value: Any) -> Any:
+    """TOML has no null: an unset optional key (None) is left out of the shown config."""
+    if isinstance(value, dict):
+        return {k: _drop_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_drop_none(v) for v in value]
+    return value

@@ -12,7 +12,7 @@ import pluggy
 from loguru import logger
 
 from healthmesh.core import hookspecs
-from healthmesh.core.components import Component, Output, PeerSource, Probe, Service
+from healthmesh.core.components import Check, Component, Output, PeerSource, Probe, Service
 
 ENTRY_POINT_GROUP = "healthmesh"
 DISABLE_ENV = "HEALTHMESH_DISABLE_PLUGINS"
@@ -23,6 +23,7 @@ _CATEGORIES: dict[str, tuple[str, type[Component]]] = {
     "register_peer_sources": ("peer source", PeerSource),
     "register_outputs": ("output", Output),
     "register_services": ("service", Service),
+    "register_check_kinds": ("check kind", Check),
 }
 
 
@@ -79,6 +80,8 @@ class PluginRegistry:
         self.pm.add_hookspecs(hookspecs)
         self.infos: dict[str, PluginInfo] = {}
         self.components: dict[str, Registered] = {}  # section -> registered component
+        #: Check kinds by kind name: many ``[checks.<name>]`` sections may use one kind.
+        self.check_kinds: dict[str, Registered] = {}
 
     # -- loading ------------------------------------------------------------------------
 
@@ -169,13 +172,16 @@ class PluginRegistry:
         impl.function(register=register)
         for cls in found:
             section = cls.section_for()
-            other = self.components.get(section)
+            table = self.check_kinds if base is Check else self.components
+            if base is Check:
+                section = cls.name
+            other = table.get(section)
             if other is not None:
                 raise PluginError(
                     f"{label} {cls.name!r} is registered twice: by plugin {other.plugin!r} "
                     f"and by plugin {plugin!r}"
                 )
-            self.components[section] = Registered(cls, plugin, label)
+            table[section] = Registered(cls, plugin, label)
             info = self.infos.get(plugin)
             if info is not None:
                 info.provides.setdefault(label, []).append(cls.name)

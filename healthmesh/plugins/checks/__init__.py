@@ -45,7 +45,7 @@ def split_host_port(text: str, default_port: int | None = None) -> tuple[str, in
         host = str(ipaddress.ip_address(host))
     except ValueError:
         if not valid_hostname(host):
-            raise ValueError(f"{text!r}: {host!r} is neither an IP address nor a host name") from None
+            raise ValueError(f"{text!r}: {host!r} is not an IP address or a host name") from None
     return host, port
 
 

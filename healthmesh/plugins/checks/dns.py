@@ -2,8 +2,9 @@
 
 Queries go over UDP from a connected socket (so that a stopped server's ICMP "port
 unreachable" is seen as *refused* at once, not waited out as a timeout) and are retried over
-TCP when the answer is truncated. dnspython builds and parses the messages. Every name is its own target, timed on its own; the outcomes
-NXDOMAIN, SERVFAIL, REFUSED, no answer in time and port unreachable are told apart.
+TCP when the answer is truncated. dnspython builds and parses the messages. Every name is
+its own target, timed on its own; the outcomes NXDOMAIN, SERVFAIL, REFUSED, no answer in time
+and port unreachable are told apart.
 """
 
 from __future__ import annotations

@@ -128,10 +128,10 @@ def _check_common(raw: RawConfig, where: str, s: Any, config: Config) -> None:
         (not lo <= s.interval <= hi, "interval: must be between 100ms and 24h"),
         (not 0 < s.timeout <= CHECK_TIMEOUT_MAX, "timeout: must be between 0s and 60s"),
         (s.timeout > s.interval, "timeout: must not exceed the check's interval"),
-        (not 1 <= s.failure_threshold <= CHECK_THRESHOLD_MAX,
-         f"failure_threshold: must be between 1 and {CHECK_THRESHOLD_MAX}"),
         (not 0 <= s.confirm_checks <= CHECK_CONFIRM_MAX,
          f"confirm_checks: must be between 0 and {CHECK_CONFIRM_MAX}"),
+        (not 1 <= s.failure_threshold <= CHECK_THRESHOLD_MAX,
+         f"failure_threshold: must be between 1 and {CHECK_THRESHOLD_MAX}"),
         (not 0 <= s.confirm_spacing <= CHECK_SPACING_MAX,
          "confirm_spacing: must be between 0s and 10s"),
     ]

@@ -225,7 +225,9 @@ def _want_text(want: list[int]) -> str:
 
 
 def _ssl_text(exc: BaseException) -> str:
-    return getattr(exc, "verify_message", None) or getattr(exc, "reason", None) or str(exc)
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"certificate verify failed: {exc.verify_message}"
+    return getattr(exc, "reason", None) or str(exc)
 
 
 async def _close(stream: Any) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -34,12 +35,22 @@ def validate_targets(targets: list[str], default_port: int | None = None) -> Non
         raise ValueError("targets: duplicate target")
 
 
-def os_error_text(exc: OSError) -> str:
-    """``connection refused`` rather than ``[Errno 111] Connect call failed ('1.2.3.4', 5)``."""
-    if isinstance(exc, ConnectionRefusedError):
-        return "connection refused"
-    inner = getattr(exc, "__cause__", None) or exc
-    return (getattr(inner, "strerror", None) or str(inner) or type(inner).__name__).lower()
+def os_error_text(exc: BaseException) -> str:
+    """``connection refused`` rather than ``[Errno 111] Connect call failed ('1.2.3.4', 5)``.
+
+    anyio reports a name with several addresses as one OSError caused by a group of them:
+    the first one with an errno says it.
+    """
+    seen: list[BaseException] = [exc]
+    while seen:
+        err = seen.pop(0)
+        number = getattr(err, "errno", None)
+        if isinstance(number, int) and number > 0:
+            return os.strerror(number).lower()
+        seen.extend(getattr(err, "exceptions", ()))
+        if err.__cause__ is not None:
+            seen.append(err.__cause__)
+    return (str(exc) or type(exc).__name__).lower()
 
 
 class TcpCheck(Check):

@@ -133,3 +133,12 @@ def test_blocked_check_plugin_is_named() -> None:
         resolve_text(DNS, reg)
     assert "unknown check kind 'dns'" in str(info.value)
     assert "blocked plugins: check-dns" in str(info.value)
+
+
+def test_file_paths_are_relative_to_the_config_file() -> None:
+    config = resolve_text(
+        '[checks.web]\nkind = "https"\ntargets = ["https://a/"]\nca_file = "ca.pem"\n'
+        '[checks.sys]\nkind = "dns"\nnames = ["a"]\nresolv_conf = "/etc/resolv.conf"\n'
+    )
+    assert config.checks["web"].ca_file == str(Path("test.toml").resolve().parent / "ca.pem")
+    assert config.checks["sys"].resolv_conf == "/etc/resolv.conf"

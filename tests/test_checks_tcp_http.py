@@ -205,3 +205,13 @@ def test_certificate_expiry_is_read_from_der(tls: dict[str, Path]) -> None:
     want = ssl.cert_time_to_seconds(out.strip().removeprefix("notAfter="))
     assert cert_not_after(der).timestamp() == want
     assert cert_days_left(der, now=want - 86400 * 2) == pytest.approx(2.0)
+
+
+async def test_an_unreadable_ca_file_makes_the_check_unavailable(tmp_path: Path) -> None:
+    from healthmesh import CheckUnavailable
+
+    missing = tmp_path / "nope.pem"
+    obj = build_check(https('"https://127.0.0.1:1/"', f'ca_file = "{missing}"'))
+    with pytest.raises(CheckUnavailable, match=f"ca_file {missing}: "):
+        async with obj:
+            pass

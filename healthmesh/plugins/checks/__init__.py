@@ -7,7 +7,9 @@ blocked by name without the others.
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
+from pathlib import Path
 
 _HOST_RE = re.compile(r"^(?=.{1,253}\.?$)([A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?\.?)+$")
 MAX_TARGETS = 100
@@ -47,6 +49,14 @@ def split_host_port(text: str, default_port: int | None = None) -> tuple[str, in
         if not valid_hostname(host):
             raise ValueError(f"{text!r}: {host!r} is not an IP address or a host name") from None
     return host, port
+
+
+def config_relative(path: str, config: object) -> str:
+    """``path`` made absolute against the directory of the config file (as file paths are)."""
+    if os.path.isabs(path):
+        return path
+    config_path = getattr(config, "path", None) or "."
+    return str(Path(config_path).resolve().parent / path)
 
 
 def join_host_port(host: str, port: int) -> str:

@@ -26,7 +26,13 @@ import dns.rcode
 import dns.rdatatype
 
 from healthmesh import Check, CheckSettings, ProbeResult, format_duration, hookimpl
-from healthmesh.plugins.checks import MAX_TARGETS, join_host_port, split_host_port, valid_hostname
+from healthmesh.plugins.checks import (
+    MAX_TARGETS,
+    config_relative,
+    join_host_port,
+    split_host_port,
+    valid_hostname,
+)
 
 RESOLV_CONF = "/etc/resolv.conf"
 MAX_RESOLV_BYTES = 64 * 1024
@@ -67,6 +73,7 @@ class DnsCheck(Check):
 
     @classmethod
     def validate_settings(cls, settings: DnsSettings, config: Any) -> None:
+        settings.resolv_conf = config_relative(settings.resolv_conf, config)
         if not settings.names:
             raise ValueError("names: at least one name is required")
         if len(settings.names) > MAX_TARGETS:

@@ -30,7 +30,7 @@ from healthmesh import (
     format_duration,
     hookimpl,
 )
-from healthmesh.plugins.checks import MAX_TARGETS, split_host_port
+from healthmesh.plugins.checks import MAX_TARGETS, config_relative, split_host_port
 from healthmesh.plugins.checks.tcp import os_error_text
 
 MAX_HEADER_BYTES = 64 * 1024
@@ -96,6 +96,8 @@ class HttpCheck(Check):
             raise ValueError("min_cert_days: must be between 0 and 3650")
         if settings.ca_file is not None and settings.insecure:
             raise ValueError("insecure: cannot be combined with ca_file")
+        if settings.ca_file is not None:
+            settings.ca_file = config_relative(settings.ca_file, config)
 
     def __init__(self, settings: Any, context: Any, check_name: str = "") -> None:
         super().__init__(settings, context, check_name)

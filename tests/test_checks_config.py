@@ -142,3 +142,56 @@ def test_file_paths_are_relative_to_the_config_file() -> None:
     )
     assert config.checks["web"].ca_file == str(Path("test.toml").resolve().parent / "ca.pem")
     assert config.checks["sys"].resolv_conf == "/etc/resolv.conf"
+
+
+def test_example_config_shows_every_key_of_every_builtin_check_kind() -> None:
+    import re
+
+    import msgspec
+
+    from healthmesh import CheckSettings
+    from tests.checks_support import registry
+    from tests.conftest import ROOT
+
+    keys: dict[str, set[str]] = {}
+    kinds: dict[str, str] = {}
+    section = ""
+    for raw in (ROOT / "examples" / "healthmesh.toml").read_text().splitlines():
+        line = raw.lstrip("# ").strip()
+        if m := re.match(r"^\[checks\.([A-Za-z0-9_.-]+)\]", line):
+            section = m.group(1)
+            keys[section] = set()
+        elif line.startswith("["):
+            section = ""
+        elif section and (m := re.match(r"^([a-z_]+)\s*=\s*(\S+)", line)):
+            keys[section].add(m.group(1))
+            if m.group(1) == "kind":
+                kinds[section] = m.group(2).strip('"')
+    common = {f.name for f in msgspec.structs.fields(CheckSettings)}
+    assert common <= set().union(*keys.values())
+    builtin = [k for k, r in registry().check_kinds.items() if r.plugin.startswith("check-")]
+    assert sorted(builtin) == ["dns", "http", "https", "tcp"]
+    for kind, reg in registry().check_kinds.items():
+        if kind not in builtin:
+            continue
+        # http and https share their keys; the example shows them on an https check.
+        same = {kind, "https"} if kind == "http" else {kind}
+        shown = set().union(*(keys[s] for s, k in kinds.items() if k in same))
+        own = {f.name for f in msgspec.structs.fields(reg.cls.Settings)} - common
+        assert own <= shown, f"kind {kind}: {sorted(own - shown)} not in the example"
+
+
+def test_example_checks_section_is_valid_when_uncommented() -> None:
+    import re
+
+    from healthmesh.core.config import parse_raw
+    from tests.checks_support import registry
+    from tests.conftest import ROOT
+
+    text = (ROOT / "examples" / "healthmesh.toml").read_text()
+    head, sep, tail = text.partition("# --- service checks")
+    assert sep
+    tail = re.sub(r"(?m)^# (\[checks\.|[a-z_]+ = )", r"\1", tail)
+    config = resolve(parse_raw(head + "#" + tail, "example.toml"), registry())
+    assert sorted(config.checks) == ["apiserver", "apiserver-ready", "cluster-dns"]
+    assert config.checks["apiserver-ready"].expect_status == [200, 401]

@@ -209,7 +209,7 @@ async def test_checks_run_on_their_own_interval() -> None:
         await anyio.sleep(1.1)
         tg.cancel_scope.cancel()
     samples = by_name(runner)["good"]["targets"][0]["samples"]
-    assert 4 <= samples <= 7, samples
+    assert 3 <= samples <= 7, samples  # 6 on an idle machine; never just the first
 
 
 async def test_hostile_checks_leave_the_agent_and_its_nodes_alone(monkeypatch: Any) -> None:

@@ -146,7 +146,7 @@ class CheckRunner:
             async with anyio.create_task_group() as tg:
                 if once:
                     for target in entry.targets:
-                        tg.start_soon(self._check_target, entry, target, tg, True)
+                        tg.start_soon(self._check_target, entry, target, tg)
                     return
                 interval = float(entry.settings.interval)
                 # Spread the first runs of many checks a little, as probes are spread.
@@ -155,7 +155,7 @@ class CheckRunner:
                     start = anyio.current_time()
                     for target in entry.targets:
                         if target not in entry.confirming:
-                            tg.start_soon(self._check_target, entry, target, tg, False)
+                            tg.start_soon(self._check_target, entry, target, tg)
                     await anyio.sleep_until(start + interval)
         finally:
             with anyio.CancelScope(shield=True), anyio.move_on_after(EXIT_BOUND):
@@ -164,17 +164,10 @@ class CheckRunner:
                 except Exception as exc:
                     logger.warning("check {!r} failed to close: {}", entry.name, exc)
 
-    async def _check_target(
-        self, entry: CheckEntry, target: str, tg: TaskGroup, wait_confirm: bool
-    ) -> ProbeResult:
+    async def _check_target(self, entry: CheckEntry, target: str, tg: TaskGroup) -> ProbeResult:
         result = await self.check_once(entry, target)
         st = entry.states[target]
-        if st.record(result):
-            self.on_change()
-            if st.state is PathState.UNREACHABLE:
-                logger.warning("check {!r}: {} is failing: {}", entry.name, target, result.error)
-            elif st.state is PathState.REACHABLE and st.failures:
-                logger.info("check {!r}: {} is ok again", entry.name, target)
+        self._record(entry, target, result)
         if (
             not result.ok
             and target not in entry.confirming
@@ -203,11 +196,17 @@ class CheckRunner:
         st = entry.states[target]
         if st.consecutive_failures == 0 or st.state is PathState.UNREACHABLE:
             return
-        result = await self.check_once(entry, target)
+        self._record(entry, target, await self.check_once(entry, target))
+
+    def _record(self, entry: CheckEntry, target: str, result: ProbeResult) -> None:
+        st = entry.states[target]
+        before = st.state
         if st.record(result):
             self.on_change()
             if st.state is PathState.UNREACHABLE:
                 logger.warning("check {!r}: {} is failing: {}", entry.name, target, result.error)
+            elif before is PathState.UNREACHABLE:
+                logger.info("check {!r}: {} is ok again", entry.name, target)
 
     async def check_once(self, entry: CheckEntry, target: str) -> ProbeResult:
         """One call of the kind's ``check``: exceptions and hangs become failed results."""

@@ -5,9 +5,10 @@ BIN    := $(VENV)/bin
 # Debian packages: python3-venv for the virtual environment; what the tests and benchmarks
 # drive: namespaces and firewall rules, fping and
 # ApacheBench for side-by-side benchmarks, etcd for the membership tests, openssl for the
-# certificates of the etcd TLS tests.
+# certificates of the etcd TLS and https check tests, dnsmasq as the real DNS server of the
+# dns check tests.
 SYSTEM_PACKAGES := python3-venv iproute2 iptables fping apache2-utils etcd-server etcd-client \
-                   procps openssl
+                   procps openssl dnsmasq
 
 # Python 3.10 is the oldest supported version: `make test` also runs these fast unit tests
 # (no root, network namespaces or etcd) on it, in .venv310. The interpreter is python3.10

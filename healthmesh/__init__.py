@@ -5,6 +5,9 @@ Plugins (built-in and third-party alike) import only from here.
 
 from healthmesh.core.components import (
     AgentContext,
+    Check,
+    CheckSettings,
+    CheckUnavailable,
     ComponentSettings,
     Output,
     PeerSource,
@@ -33,6 +36,9 @@ __version__ = "0.1.0"
 __all__ = [
     "SO_TIMESTAMPNS",
     "AgentContext",
+    "Check",
+    "CheckSettings",
+    "CheckUnavailable",
     "ComponentSettings",
     "ConfigError",
     "Duration",

@@ -14,6 +14,7 @@ import anyio
 from anyio.abc import TaskStatus
 from loguru import logger
 
+from healthmesh.core.checks import CheckRunner, build_entries
 from healthmesh.core.components import (
     Component,
     Output,
@@ -105,6 +106,10 @@ class Agent:
             on_round=self._round_completed,
             on_change=self._state_changed,
         )
+        self.checks = CheckRunner(
+            build_entries(config.checks, registry.check_kinds, self, p.window),
+            on_change=self._state_changed,
+        )
         self._changed: anyio.Event | None = None
         self._last_round: RoundInfo | None = None
         self._round_snapshot: Snapshot | None = None
@@ -166,7 +171,13 @@ class Agent:
                 else round(rnd.duration, 3),
             },
             "probe_kinds": sorted(self.probes),
+            # Service checks, apart from nodes: they never change a node's state.
+            "checks": self.checks.views(),
         }
+        # Layer 1 (component states) when this agent reports them.
+        components = getattr(self, "components", None)
+        if callable(components):
+            extra.setdefault("components", components())
         return build_snapshot(
             self.membership,
             self.store,
@@ -314,6 +325,8 @@ class Agent:
                     for out in self.outputs:
                         await tg.start(self._start, out.section_for(), out.run)
                     tg.start_soon(self._publish_changes)
+                    # Checks run in their own tasks: started, never waited for.
+                    await tg.start(self.checks.run)
                 for src in self.sources:
                     feed = self.membership.feed(src.name)
                     await tg.start(self._start_source, src, feed)
@@ -321,7 +334,12 @@ class Agent:
                 self._membership_changed()
                 await tg.start(functools.partial(self.scheduler.run, rounds=not self.once))
                 if self.once:
-                    snap = await self.probe_round()
+                    # One pass of the checks alongside the round (their results go in the
+                    # snapshot; the exit code is the nodes' alone).
+                    async with anyio.create_task_group() as once_tg:
+                        await once_tg.start(functools.partial(self.checks.run, once=True))
+                        await self.probe_round()
+                    snap = self._build_snapshot(time.time())
                     self._round_snapshot = snap
                     if self.console is not None:
                         await self.console.close(snap)

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 import anyio
 from anyio.abc import TaskStatus
 
-from healthmesh.core.config import Settings
+from healthmesh.core.config import Duration, Settings
 from healthmesh.core.model import Node, Path, ProbeResult, Snapshot
 
 if TYPE_CHECKING:
@@ -200,4 +200,70 @@ class Service(Component):
 
     async def run(self, *, task_status: TaskStatus[None]) -> None:
         """Serve until cancelled; call ``task_status.started()`` once listening."""
+        raise NotImplementedError
+
+
+class CheckSettings(ComponentSettings, kw_only=True):
+    """Keys every ``[checks.<name>]`` section has, whatever its kind.
+
+    A kind's own ``Settings`` subclasses this and adds its keys (``names``, ``targets``...).
+    ``interval``, ``timeout`` and ``failure_threshold`` default to ``[probing]``'s values
+    (the timeout capped at the check's interval); the resolved values are filled in before
+    the check is built.
+    """
+
+    kind: str
+    interval: Duration | None = None
+    timeout: Duration | None = None
+    #: Consecutive failures that make a target failing; default 1 + confirm_checks.
+    failure_threshold: int | None = None
+    #: Re-checks of a target started after a failure, ``confirm_spacing`` apart.
+    confirm_checks: int = 2
+    confirm_spacing: Duration = Duration(0.2)
+
+
+class CheckUnavailable(Exception):
+    """Raised by ``Check.__aenter__`` when the check cannot run here (a CA file unreadable).
+
+    The check is then reported as failing with this message; the agent goes on.
+    """
+
+
+class Check(Component):
+    """A service-check kind: targets that are not mesh peers (a DNS server, an API server).
+
+    One instance per ``[checks.<name>]`` section whose ``kind`` is this class's ``name``;
+    ``self.check_name`` is the section's name. The runner calls ``check(target, timeout)``
+    for every target of ``targets()`` on the check's own interval, each call its own task
+    under its own timeout; exceptions and hangs become failed results, and a failure is
+    confirmed by re-checks before the target counts as failing. Results never touch a
+    node's state.
+    """
+
+    category: ClassVar[str] = "checks"
+    Settings: ClassVar[type[ComponentSettings]] = CheckSettings
+
+    def __init__(self, settings: Any, context: AgentContext, check_name: str = "") -> None:
+        super().__init__(settings, context)
+        self.check_name = check_name or self.name
+
+    async def __aenter__(self) -> Check:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        return None
+
+    def targets(self) -> list[str]:
+        """The targets of this check, as shown in results (``"10.96.0.1:443"``, a DNS name)."""
+        raise NotImplementedError
+
+    def describe(self) -> dict[str, Any]:
+        """Facts about the check shown with its results (``{"server": "10.96.0.10:53"}``)."""
+        return {}
+
+    async def check(self, target: str, timeout: float) -> ProbeResult:
+        """Check one target once; ``ProbeResult.success(seconds, **details)`` or ``.failure``.
+
+        ``timeout`` is in seconds; the runner also cancels the call shortly after it.
+        """
         raise NotImplementedError

@@ -200,6 +200,8 @@ class Config:
     core: CoreSettings
     components: dict[str, Any] = field(default_factory=dict)  # section -> settings
     raw: dict[str, Any] = field(default_factory=dict)
+    #: ``[checks.<name>]`` sections: name -> the check kind's validated settings.
+    checks: dict[str, Any] = field(default_factory=dict)
 
     @property
     def node(self) -> NodeSettings:

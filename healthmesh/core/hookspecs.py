@@ -10,7 +10,7 @@ import pluggy
 if TYPE_CHECKING:
     import click
 
-    from healthmesh.core.components import Output, PeerSource, Probe, Service
+    from healthmesh.core.components import Check, Output, PeerSource, Probe, Service
 
 hookspec = pluggy.HookspecMarker("healthmesh")
 hookimpl = pluggy.HookimplMarker("healthmesh")
@@ -34,6 +34,22 @@ def register_probe_kinds(register: Callable[[type[Probe]], None]) -> None:
         kind (``"icmp"``), which names its results and its config section
         ``[probes.<name>]``; ``ProbeClass.Settings`` validates that section.
         Registering a kind that another plugin registered is a start-up error naming both.
+    :return: nothing; the return value is ignored.
+    """
+
+
+@hookspec
+def register_check_kinds(register: Callable[[type[Check]], None]) -> None:
+    """Register service-check kinds: targets that are not mesh peers (DNS, TCP, HTTP).
+
+    Called once per plugin when the agent starts, and by ``healthmesh plugins``.
+
+    :param register: call ``register(CheckClass)`` for each kind. ``CheckClass`` subclasses
+        ``healthmesh.Check``; ``CheckClass.name`` is the kind (``"dns"``) that a
+        ``[checks.<any name>]`` section selects with ``kind = "dns"``;
+        ``CheckClass.Settings`` (a ``healthmesh.CheckSettings`` subclass) validates that
+        section. Registering a kind that another plugin registered is a start-up error
+        naming both.
     :return: nothing; the return value is ignored.
     """
 

@@ -22,7 +22,7 @@ import pluggy
 from loguru import logger
 
 from healthmesh.core import hookspecs
-from healthmesh.core.components import Component, Output, PeerSource, Probe, Service
+from healthmesh.core.components import Check, Component, Output, PeerSource, Probe, Service
 
 ENTRY_POINT_GROUP = "healthmesh"
 DISABLE_ENV = "HEALTHMESH_DISABLE_PLUGINS"
@@ -36,6 +36,7 @@ _CATEGORIES: dict[str, tuple[str, type[Component]]] = {
     "register_peer_sources": ("peer source", PeerSource),
     "register_outputs": ("output", Output),
     "register_services": ("service", Service),
+    "register_check_kinds": ("check kind", Check),
 }
 
 #: Plugins that hung in this process (their import or a hook never returned), with the
@@ -135,6 +136,8 @@ class PluginRegistry:
         self.pm.add_hookspecs(hookspecs)
         self.infos: dict[str, PluginInfo] = {}
         self.components: dict[str, Registered] = {}  # section -> registered component
+        #: Check kinds by kind name: many ``[checks.<name>]`` sections may use one kind.
+        self.check_kinds: dict[str, Registered] = {}
 
     # -- loading ------------------------------------------------------------------------
 
@@ -247,14 +250,17 @@ class PluginRegistry:
                 self._fail(name, str(exc))
                 continue
             for label, cls in found:
-                section = cls.section_for()
-                other = self.components.get(section)
+                # Check kinds are keyed by kind: many [checks.<name>] sections share one.
+                is_check = issubclass(cls, Check)
+                table = self.check_kinds if is_check else self.components
+                section = cls.name if is_check else cls.section_for()
+                other = table.get(section)
                 if other is not None:
                     raise PluginError(
                         f"{label} {cls.name!r} is registered twice: by plugin {other.plugin!r} "
                         f"and by plugin {name!r}"
                     )
-                self.components[section] = Registered(cls, name, label)
+                table[section] = Registered(cls, name, label)
                 self.infos[name].provides.setdefault(label, []).append(cls.name)
 
     def _call_register(

@@ -9,8 +9,10 @@ from healthmesh.core.components import PeerSource
 from healthmesh.core.config import (
     CONTAINER_SECTIONS,
     CORE_SECTIONS,
+    NAME_RE,
     Config,
     ConfigError,
+    Duration,
     RawConfig,
     convert,
 )
@@ -43,6 +45,7 @@ def resolve(raw: RawConfig, registry: PluginRegistry, *, need_peers: bool = True
                 raise raw.error(f"{section}{sep}{text}") from None
         if getattr(settings, "enabled", True):
             config.components[section] = settings
+    config.checks = resolve_checks(raw, registry, config)
     if need_peers and not any(
         issubclass(registry.components[s].cls, PeerSource) for s in config.components
     ):
@@ -53,8 +56,94 @@ def resolve(raw: RawConfig, registry: PluginRegistry, *, need_peers: bool = True
     return config
 
 
+CHECKS_SECTION = "checks"
+MAX_CHECKS = 256
+#: Bounds of the keys every check has: (low, high) in seconds or counts.
+CHECK_INTERVAL = (0.1, 86400.0)
+CHECK_TIMEOUT_MAX = 60.0
+CHECK_CONFIRM_MAX = 20
+CHECK_SPACING_MAX = 10.0
+CHECK_THRESHOLD_MAX = 100
+
+
+def resolve_checks(raw: RawConfig, registry: PluginRegistry, config: Config) -> dict[str, Any]:
+    """Validate every ``[checks.<name>]`` section with its kind's settings; name -> settings.
+
+    ``interval``, ``timeout`` and ``failure_threshold`` left out are filled in from
+    ``[probing]`` (the timeout capped at the check's interval).
+    """
+    table = raw.data.get(CHECKS_SECTION)
+    if table is None:
+        return {}
+    if not isinstance(table, dict):
+        raise raw.error(f"{CHECKS_SECTION}: must be a table of checks, got {type(table).__name__}")
+    if len(table) > MAX_CHECKS:
+        raise raw.error(f"{CHECKS_SECTION}: {len(table)} checks; at most {MAX_CHECKS}")
+    out: dict[str, Any] = {}
+    for name, data in table.items():
+        where = f"{CHECKS_SECTION}.{name}"
+        if not NAME_RE.match(name):
+            raise raw.error(f"{where}: invalid check name (letters, digits, '.', '_', '-')")
+        if not isinstance(data, dict):
+            raise raw.error(f"{where}: must be a table, got {type(data).__name__}")
+        kind = data.get("kind")
+        if not isinstance(kind, str):
+            raise raw.error(f"{where}.kind: required key is missing (the check kind, e.g. \"dns\")"
+                            if kind is None else f"{where}.kind: expected a string, got {kind!r}")
+        reg = registry.check_kinds.get(kind)
+        if reg is None:
+            known = ", ".join(sorted(registry.check_kinds)) or "none"
+            raise raw.error(
+                f"{where}.kind: unknown check kind {kind!r} (known: {known})"
+                + _why_missing(registry)
+            )
+        try:
+            settings = convert(data, reg.cls.Settings, where)
+        except ConfigError as exc:
+            raise raw.error(str(exc)) from None
+        _check_common(raw, where, settings, config)
+        validate = getattr(reg.cls, "validate_settings", None)
+        if validate is not None:
+            try:
+                validate(settings, config)
+            except ValueError as exc:
+                text = str(exc)
+                sep = "." if re.match(r"^[A-Za-z_][A-Za-z0-9_]*[.\[:]", text) else ": "
+                raise raw.error(f"{where}{sep}{text}") from None
+        if getattr(settings, "enabled", True):
+            out[name] = settings
+    return out
+
+
+def _check_common(raw: RawConfig, where: str, s: Any, config: Config) -> None:
+    p = config.probing
+    if s.interval is None:
+        s.interval = Duration(p.interval)
+    if s.timeout is None:
+        s.timeout = Duration(min(p.timeout, s.interval, CHECK_TIMEOUT_MAX))
+    if s.failure_threshold is None:
+        s.failure_threshold = s.confirm_checks + 1
+    lo, hi = CHECK_INTERVAL
+    problems = [
+        (not lo <= s.interval <= hi, "interval: must be between 100ms and 24h"),
+        (not 0 < s.timeout <= CHECK_TIMEOUT_MAX, "timeout: must be between 0s and 60s"),
+        (s.timeout > s.interval, "timeout: must not exceed the check's interval"),
+        (not 0 <= s.confirm_checks <= CHECK_CONFIRM_MAX,
+         f"confirm_checks: must be between 0 and {CHECK_CONFIRM_MAX}"),
+        (not 1 <= s.failure_threshold <= CHECK_THRESHOLD_MAX,
+         f"failure_threshold: must be between 1 and {CHECK_THRESHOLD_MAX}"),
+        (not 0 <= s.confirm_spacing <= CHECK_SPACING_MAX,
+         "confirm_spacing: must be between 0s and 10s"),
+    ]
+    for bad, message in problems:
+        if bad:
+            raise raw.error(f"{where}.{message}")
+
+
 def _check_unknown_sections(raw: RawConfig, registry: PluginRegistry) -> None:
-    known_top = {s.split(".")[0] for s in registry.components} | set(CORE_SECTIONS)
+    known_top = (
+        {s.split(".")[0] for s in registry.components} | set(CORE_SECTIONS) | {CHECKS_SECTION}
+    )
     for key, value in raw.data.items():
         if key in CONTAINER_SECTIONS:
             if not isinstance(value, dict):
@@ -104,6 +193,8 @@ def effective(config: Config) -> dict[str, Any]:
         for part in parts[:-1]:
             node = node.setdefault(part, {})
         node[parts[-1]] = to_builtins(settings)
+    if config.checks:
+        out[CHECKS_SECTION] = {n: to_builtins(s) for n, s in sorted(config.checks.items())}
     return _drop_none(out)
 
 

@@ -95,6 +95,7 @@ class ApiApp:
             "/v1/status": {"GET": self.status},
             "/v1/nodes": {"GET": self.nodes},
             "/v1/plugins": {"GET": self.plugins},
+            "/v1/checks": {"GET": self.checks},
             "/v1/probe": {"POST": self.probe},
             "/v1/openapi.json": {"GET": self.openapi_json},
         }
@@ -197,6 +198,9 @@ class ApiApp:
         if found is None:
             raise HttpError(404, f"no node {name!r} in cluster {cluster!r}")
         return Answer(200, encode(found))
+
+    async def checks(self, request: Request) -> Answer:
+        return Answer(200, encode({"checks": (await self.views.latest()).data.get("checks", [])}))
 
     async def plugins(self, request: Request) -> Answer:
         return Answer(200, encode({"plugins": self.context.plugins()}))

@@ -1,4 +1,8 @@
-"""``healthmesh status``: ask the local agent over its unix socket, print, exit 0/1/3."""
+"""``healthmesh status``: ask the local agent over its unix socket, print, exit 0/1/3/4.
+
+The table shows three layers in order: the agent's own components (when the agent reports
+them), the node mesh, and the service checks.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ import click
 
 from healthmesh.plugins.api.settings import DEFAULT_SOCKET, SOCKET_ENV
 
-EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE, EXIT_NO_AGENT = 0, 1, 2, 3
+EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE, EXIT_NO_AGENT, EXIT_DEGRADED = 0, 1, 2, 3, 4
 #: A GET answers from the agent's cache; a probe round may take a while at 5,000 peers.
 GET_TIMEOUT = 10.0
 PROBE_TIMEOUT = 120.0
@@ -43,7 +47,8 @@ def status_command(
     """Show what the local agent knows: which nodes are reachable, by which paths.
 
     Exit 0 when every node is reachable, 1 when any is not (or not yet known), 2 on a
-    usage error, 3 when no agent answers on the socket.
+    usage error, 3 when no agent answers on the socket, 4 when every node is reachable but
+    the agent is degraded (a component not ok) or a service check is failing.
 
     \b
     Examples:
@@ -77,15 +82,46 @@ def status_command(
         _fail(str(exc), EXIT_NO_AGENT)
     if output == "json":
         click.echo(json.dumps(snap, indent=2, ensure_ascii=False))
-    elif verbose or succinct:
-        from healthmesh.plugins.api.report import succinct_lines, verbose_lines
-
-        lines = verbose_lines(snap) if verbose else succinct_lines(snap)
-        click.echo("\n".join(lines))
     else:
-        _print_table(snap)
+        from healthmesh.plugins.api.report import (
+            check_lines,
+            component_lines,
+            succinct_lines,
+            verbose_lines,
+        )
+
+        # Three layers, in order: components, the mesh, the checks.
+        _echo_block(component_lines(snap))
+        if verbose or succinct:
+            click.echo("\n".join(verbose_lines(snap) if verbose else succinct_lines(snap)))
+        else:
+            _print_table(snap)
+        checks = check_lines(snap, verbose=verbose)
+        if checks:
+            click.echo()
+            _echo_block(checks, blank=False)
+    sys.exit(exit_code(snap))
+
+
+def exit_code(snap: dict[str, Any]) -> int:
+    """1 when a node is not reachable; else 4 when a component is not ok or a check fails."""
     summary = snap["summary"]
-    sys.exit(EXIT_OK if summary["reachable"] == summary["nodes"] else EXIT_UNREACHABLE)
+    if summary["reachable"] != summary["nodes"]:
+        return EXIT_UNREACHABLE
+    components = snap.get("components") or []
+    if any(isinstance(c, dict) and c.get("state") in ("degraded", "failed") for c in components):
+        return EXIT_DEGRADED
+    checks = snap.get("checks") or []
+    if any(isinstance(c, dict) and c.get("state") == "failing" for c in checks):
+        return EXIT_DEGRADED
+    return EXIT_OK
+
+
+def _echo_block(lines: list[str], blank: bool = True) -> None:
+    if lines:
+        click.echo("\n".join(lines))
+        if blank:
+            click.echo()
 
 
 def _print_table(snap: dict[str, Any]) -> None:

@@ -127,3 +127,90 @@ def succinct_lines(snap: dict[str, Any]) -> list[str]:
         cells = [r[i].ljust(widths[i]) for i in range(5)]
         lines.append(("  " + "  ".join(cells) + ("  " + r[5] if r[5] else "")).rstrip())
     return lines
+
+
+# --- layer 1 (the agent's components) and layer 3 (service checks) ------------------------
+
+_COMPONENT_STATES = {"ok": "Ok", "degraded": "Degraded", "failed": "Failed"}
+
+
+def component_lines(snap: dict[str, Any]) -> list[str]:
+    """``Responder:   Ok   0.0.0.0:4240``, one line per component, as ``cilium status``.
+
+    Empty when the snapshot carries no ``components`` list (an older agent).
+    """
+    components = snap.get("components")
+    if not isinstance(components, list) or not components:
+        return []
+    rows = []
+    for c in components:
+        if not isinstance(c, dict):
+            continue
+        name = str(c.get("name") or "?")
+        label = (name[:1].upper() + name[1:]) + ":"
+        state = str(c.get("state") or "unknown")
+        text = _COMPONENT_STATES.get(state, state.capitalize())
+        message = c.get("message")
+        if message:
+            text += f"   {message}"
+        if state != "ok" and c.get("since"):
+            text += f" (since {c['since']})"
+        restarts = c.get("restarts")
+        if isinstance(restarts, int) and restarts > 0:
+            text += f" ({restarts} restart{'s' if restarts != 1 else ''})"
+        rows.append((label, text))
+    width = max((len(label) for label, _ in rows), default=0)
+    return [f"{label:<{width}}   {text}" for label, text in rows]
+
+
+def check_lines(snap: dict[str, Any], verbose: bool = False) -> list[str]:
+    """The service checks: a count, then per check its state and per target its result.
+
+    Empty when the snapshot has no checks (none configured, or an older agent).
+    """
+    checks = snap.get("checks")
+    if not isinstance(checks, list) or not checks:
+        return []
+    ok = sum(1 for c in checks if c.get("state") == "ok")
+    lines = [f"Checks: {ok}/{len(checks)} ok"]
+    for c in checks:
+        facts = [str(c.get("kind", "?"))]
+        server = (c.get("details") or {}).get("server")
+        if server:
+            facts.append(f"server {server}")
+        lines.append(f"  {c.get('name')} ({', '.join(facts)}): {c.get('state')}")
+        if c.get("error"):
+            lines.append(f"    {c['error']}")
+        targets = c.get("targets") or []
+        width = max((len(str(t.get("target", ""))) for t in targets), default=0)
+        for t in targets:
+            state = t.get("state", "unknown")
+            if t.get("last_probed") is None:
+                text = "not checked yet"
+            elif state == "ok":
+                text = rtt_text(t.get("rtt_ms"))
+                extra = _target_facts(t)
+                if extra:
+                    text += f" ({extra})"
+            else:
+                text = t.get("error") or state
+            lines.append(f"    {t.get('target', '?'):<{width}}  {state:<8} {text}")
+            if verbose:
+                stats = stats_line(t)
+                if stats:
+                    lines.append(f"    {'':<{width}}  {stats}")
+    return lines
+
+
+def _target_facts(t: dict[str, Any]) -> str:
+    """A few kind-specific facts of a passing target: transport, status, certificate days."""
+    parts = []
+    if t.get("transport"):
+        parts.append(str(t["transport"]))
+    if t.get("status") is not None:
+        parts.append(f"status {t['status']}")
+    if t.get("tls_ms") is not None:
+        parts.append(f"TLS {rtt_text(t['tls_ms'])}")
+    if t.get("cert_expiry_days") is not None:
+        parts.append(f"certificate expires in {t['cert_expiry_days']:.0f} days")
+    return ", ".join(parts)

@@ -221,6 +221,42 @@ def test_a_request_trickled_in_does_not_extend_the_deadline(quick: AgentProcess)
     assert_json_error(answer, 408)
 
 
+def test_a_client_that_pipelines_and_never_reads_is_cut_off(quick: AgentProcess) -> None:
+    import psutil
+
+    assert quick.proc is not None
+    proc = psutil.Process(quick.proc.pid)
+
+    def open_conns() -> int:
+        # The listener and its accepted connections: the only named unix sockets of the agent
+        # (named after the private path the socket was bound at before its rename).
+        return sum(bool(c.laddr) for c in proc.net_connections("unix"))
+
+    before, rss = open_conns(), proc.memory_info().rss
+    # Thousands of requests whose answers would be megabytes if all were buffered.
+    requests = b"GET /v1/status HTTP/1.1\r\nHost: x\r\n\r\n" * 20000
+    with connect(quick.socket_path, timeout=0.25) as s:
+        deadline = time.monotonic() + 5
+        while open_conns() < before + 1:
+            assert time.monotonic() < deadline, "the connection was never accepted"
+            time.sleep(0.02)
+        sent = 0
+        started = time.monotonic()
+        while sent < len(requests) and time.monotonic() - started < 2:
+            try:
+                sent += s.send(requests[sent : sent + 65536])
+            except TimeoutError:
+                pass  # the agent stopped reading: what should happen
+            except (BrokenPipeError, ConnectionResetError):
+                break
+        # Never reading, the client is cut off after the idle timeout (its answer unread).
+        while open_conns() > before:
+            assert time.monotonic() - started < IDLE + 6, "the non-reading client was kept"
+            time.sleep(0.1)
+        grown = proc.memory_info().rss - rss
+    assert grown < 8 * 1024 * 1024, f"the agent grew by {grown / 1e6:.1f} MB"
+
+
 # --- every error is JSON --------------------------------------------------------------------
 
 BIG_HEADER = b"X-Big: " + b"a" * 20000 + b"\r\n"
@@ -244,6 +280,8 @@ BIG_HEADER = b"X-Big: " + b"a" * 20000 + b"\r\n"
                      id="431-headers"),
         pytest.param(b"GET /v1/healthz HTTP/1.1\r\nHost: x\r\n" + BIG_HEADER, 431,
                      id="431-incomplete-head"),
+        pytest.param(b"GET /v1/nodes?" + b"a" * 5000 + b" HTTP/1.1\r\nHost: x\r\n"
+                     b"Connection: close\r\n\r\n", 414, id="414-query"),
         pytest.param(b"PUT /v1beta/status/probe HTTP/1.1\r\nHost: x\r\n"
                      b"Content-Length: 100000\r\n\r\n", 413, id="413-body"),
         pytest.param(b"POST /v1/probe HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n",

@@ -65,6 +65,10 @@ class LingeringTransport:
         self.lingering = False
         self._since = 0.0
         self._timer: asyncio.TimerHandle | None = None
+        # The calls of every request, bound once rather than looked up through __getattr__.
+        self.write = transport.write
+        self.get_write_buffer_size = transport.get_write_buffer_size
+        self.get_extra_info = transport.get_extra_info
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.raw, name)

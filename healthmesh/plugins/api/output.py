@@ -132,7 +132,22 @@ def _uvicorn_config(app: ApiApp, table: ConnectionTable, max_header_bytes: int) 
         h11_max_incomplete_event_size=max_header_bytes,
     )
     config.load()
-    # Quiet uvicorn's stdlib logging: the agent logs through loguru. Its warnings are about
-    # clients (one per malformed request), which a client must not be able to flood the log with.
-    logging.getLogger("uvicorn.error").setLevel(logging.ERROR)
+    # uvicorn logs through stdlib logging; the agent logs through loguru. Its warnings are
+    # about clients (one per malformed request), which a client must not flood the log with;
+    # its errors go to the agent's log in one line (stdlib's last-resort handler would print
+    # a traceback on stderr).
+    log = logging.getLogger("uvicorn.error")
+    log.setLevel(logging.ERROR)
+    log.propagate = False
+    if not any(isinstance(h, _OneLine) for h in log.handlers):
+        log.addHandler(_OneLine())
     return config
+
+
+class _OneLine(logging.Handler):
+    """uvicorn's error records as one line of the agent's log, without the traceback."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        exc = record.exc_info[1] if record.exc_info else None
+        reason = f": {type(exc).__name__}: {exc}" if exc is not None else ""
+        logger.error("api: {}{}", record.getMessage().strip(), reason)

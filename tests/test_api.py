@@ -37,7 +37,7 @@ def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentProcess]:
     yield from settled_agent(tmp_path_factory.mktemp("api"), TWO_PEERS)
 
 
-def test_v1beta_status_validates_against_cilium_swagger(agent: AgentProcess) -> None:
+def test_v1beta_status_validates_against_the_cilium_model(agent: AgentProcess) -> None:
     with agent.client() as c:
         resp = c.get("/v1beta/status")
     assert resp.status_code == 200

@@ -1,4 +1,4 @@
-"""Helpers for the API and status tests: a real agent subprocess and the reference schemas.
+"""Helpers for the API and status tests: a real agent subprocess and the API's schemas.
 
 Holds no tests itself; tests/test_api*.py and tests/test_status*.py import from it.
 """
@@ -17,13 +17,13 @@ from typing import Any
 
 import httpx
 import jsonschema
-import yaml
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012 as _SPEC
 
-from tests.conftest import ROOT, healthmesh_cmd, require
+from tests.conftest import ROOT, healthmesh_cmd
 
-CILIUM_SWAGGER = ROOT.parent / "shared" / "reference" / "cilium-health-openapi.yaml"
+#: The project's own JSON Schema of Cilium's /v1beta model, as healthmesh serves it.
+CILIUM_SCHEMA = ROOT / "healthmesh" / "plugins" / "api" / "cilium-health.schema.json"
 OPENAPI = ROOT / "healthmesh" / "plugins" / "api" / "openapi.json"
 SNAPSHOT_SCHEMA = ROOT / "docs" / "snapshot.schema.json"
 
@@ -173,28 +173,15 @@ class AgentProcess:
 # --- schemas ------------------------------------------------------------------------------
 
 
-def _strict(schema: Any) -> Any:
-    """Objects with declared properties get ``additionalProperties: false`` (catch typos)."""
-    if isinstance(schema, dict):
-        out = {k: _strict(v) for k, v in schema.items()}
-        if "properties" in out and "additionalProperties" not in out:
-            out["additionalProperties"] = False
-        return out
-    if isinstance(schema, list):
-        return [_strict(v) for v in schema]
-    return schema
-
-
-def cilium_validator(definition: str) -> jsonschema.Draft4Validator:
-    """A validator for one definition of Cilium's health Swagger (strict about extra keys)."""
-    if not CILIUM_SWAGGER.exists():
-        require(f"the reference Swagger is missing: {CILIUM_SWAGGER}")
-    swagger = yaml.safe_load(CILIUM_SWAGGER.read_text())
-    schema = {
-        "definitions": _strict(swagger["definitions"]),
-        "$ref": f"#/definitions/{definition}",
-    }
-    return jsonschema.Draft4Validator(schema)
+def cilium_validator(definition: str) -> jsonschema.Draft202012Validator:
+    """A validator for one definition of our /v1beta schema (its objects reject extra keys)."""
+    doc = json.loads(CILIUM_SCHEMA.read_text())
+    registry: Registry = Registry().with_resource(
+        doc["$id"], Resource.from_contents(doc, default_specification=_SPEC)
+    )
+    return jsonschema.Draft202012Validator(
+        {"$ref": f"{doc['$id']}#/$defs/{definition}"}, registry=registry
+    )
 
 
 def openapi_document() -> dict[str, Any]:

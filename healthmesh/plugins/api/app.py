@@ -1,8 +1,9 @@
 """The ASGI application behind the socket: routes of /v1beta (Cilium's) and /v1 (ours).
 
 Every answer is JSON. Unknown paths get 404, a known path with another method 405 (with
-``Allow``), bad query values 400; an unexpected exception is logged and answered with a
-JSON 500 that carries no traceback.
+``Allow``), bad query values 400, a request body over the limit 413; an unexpected exception
+is logged and answered with a JSON 500 that carries no traceback. (Errors found before a
+request reaches the app, such as a malformed request, are answered in protocol.py.)
 """
 
 from __future__ import annotations
@@ -16,12 +17,14 @@ from urllib.parse import parse_qsl
 
 from loguru import logger
 
-from healthmesh import AgentContext, __version__, rfc3339
+from healthmesh import AgentContext, __version__, format_duration, rfc3339
 from healthmesh.plugins.api.cilium import health_response
 from healthmesh.plugins.api.views import Rendered, Views, encode
 
 STATES = ("reachable", "unreachable", "unknown")
 MAX_QUERY_BYTES = 4096
+#: Component states, best first: /v1/healthz's status is the worst of its components'.
+COMPONENT_STATES = ("ok", "degraded", "failed")
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -82,10 +85,19 @@ class ProbeRunner:
 class ApiApp:
     """Routes requests to handlers; one instance per agent."""
 
-    def __init__(self, context: AgentContext, views: Views, runner: ProbeRunner) -> None:
+    def __init__(
+        self,
+        context: AgentContext,
+        views: Views,
+        runner: ProbeRunner,
+        max_body: int = 4096,
+        max_head: int = 16 * 1024,
+    ) -> None:
         self.context = context
         self.views = views
         self.runner = runner
+        self.max_body = max_body
+        self.max_head = max_head
         self.openapi = openapi_document()
         self.routes: dict[str, dict[str, Handler]] = {
             "/v1beta/healthz": {"GET": self.beta_healthz},
@@ -146,8 +158,27 @@ class ApiApp:
                 f"method {method} is not allowed on {path}; use {', '.join(allowed)}",
                 ((b"allow", ", ".join(allowed).encode()),),
             )
+        self._check_body(scope)
         request = Request(method, path, _query(scope), params)
         return await handler(request)
+
+    def _check_body(self, scope: Scope) -> None:
+        """Refuse a head over ``max_head`` and a body over ``max_body`` (and close, unread)."""
+        close = ((b"connection", b"close"),)
+        headers = scope.get("headers", ())
+        # The parser enforces the limit only while a head is incomplete; a head that arrived
+        # in one read is measured here (request line and "name: value\r\n" lines).
+        size = len(scope.get("raw_path", b"")) + len(scope.get("query_string", b"")) + 16
+        size += sum(len(name) + len(value) + 4 for name, value in headers)
+        if size > self.max_head:
+            raise HttpError(431, f"request line and headers over {self.max_head} bytes", close)
+        for name, value in headers:
+            if name == b"transfer-encoding":
+                raise HttpError(411, "request bodies must have a Content-Length", close)
+            if name == b"content-length" and int(value) > self.max_body:
+                raise HttpError(
+                    413, f"request body of {int(value)} bytes; at most {self.max_body}", close
+                )
 
     def _node_route(self, path: str) -> tuple[dict[str, Handler], dict[str, str]]:
         parts = path.split("/")
@@ -170,16 +201,40 @@ class ApiApp:
     # -- /v1: healthmesh's own -------------------------------------------------------------
 
     async def healthz(self, request: Request) -> Answer:
+        components = self._components()
+        status = max((c["state"] for c in components), key=COMPONENT_STATES.index, default="ok")
         body = {
-            "status": "ok",
+            "status": status,
             "version": __version__,
             "node": {"name": self.context.local_node.name,
                      "cluster": self.context.local_node.cluster},
             "started_at": rfc3339(self.context.started_at),
+            "uptime": format_duration(max(0, int(time.time() - self.context.started_at))),
             "uptime_s": round(max(0.0, time.time() - self.context.started_at), 3),
             "rounds_completed": self.views.rounds_completed,
+            "components": components,
         }
         return Answer(200, encode(body))
+
+    def _components(self) -> list[dict[str, Any]]:
+        """The agent's component states, checked: an agent without them reports none."""
+        # getattr: an agent (core) that does not offer components yet still serves healthz.
+        source = getattr(self.context, "components", None)
+        if source is None:
+            return []
+        out = []
+        for c in source():
+            state = c.get("state")
+            if state not in COMPONENT_STATES:
+                state = "failed"  # an unknown state is not a healthy one
+            out.append({
+                "name": str(c.get("name", "")),
+                "state": state,
+                "message": str(c.get("message") or ""),
+                "since": str(c.get("since") or ""),
+                "restarts": int(c.get("restarts") or 0),
+            })
+        return out
 
     async def status(self, request: Request) -> Answer:
         return Answer(200, (await self.views.latest()).status)

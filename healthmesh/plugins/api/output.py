@@ -10,8 +10,9 @@ from anyio.abc import TaskGroup, TaskStatus
 from loguru import logger
 
 from healthmesh import AgentContext, ComponentSettings, Output, Snapshot
-from healthmesh.plugins.api.app import ApiApp, ProbeRunner
+from healthmesh.plugins.api.app import ApiApp, HttpError, ProbeRunner
 from healthmesh.plugins.api.listener import UnixListener
+from healthmesh.plugins.api.protocol import ConnectionTable, protocol_class
 from healthmesh.plugins.api.settings import ApiSettings, parse_mode, resolve_group
 from healthmesh.plugins.api.views import Rendered, Views
 
@@ -39,6 +40,13 @@ class ProbeRounds(ProbeRunner):
         await event.wait()
         if "error" in box:
             raise box["error"]
+        if "rendered" not in box:
+            # The round was cancelled: the agent is stopping (its task group is cancelled
+            # before the server closes its connections), so answer that, not a 500.
+            raise HttpError(
+                503, "the agent is shutting down; the probe round did not finish",
+                ((b"connection", b"close"),),
+            )
         return box["rendered"]
 
     async def _round(self, pending: tuple[anyio.Event, dict[str, Any]]) -> None:
@@ -63,7 +71,8 @@ class ApiOutput(Output):
         super().__init__(settings, context)
         self.views = Views(context)
         self.rounds = ProbeRounds(context, self.views)
-        self.app = ApiApp(context, self.views, self.rounds)
+        self.app = ApiApp(context, self.views, self.rounds, max_body=settings.max_body_bytes,
+                          max_head=settings.max_header_bytes)
         self.path: str = settings.socket
 
     @classmethod
@@ -76,7 +85,8 @@ class ApiOutput(Output):
         import uvicorn  # here, not at import: the CLI loads every plugin and needs none of it
 
         s: ApiSettings = self.settings
-        config = _uvicorn_config(self.app)
+        table = ConnectionTable(s.max_connections, float(s.idle_timeout))
+        config = _uvicorn_config(self.app, table, s.max_header_bytes)
         server = uvicorn.Server(config)
         server.lifespan = config.lifespan_class(config)
         listener = UnixListener.open(s.socket, parse_mode(s.mode), resolve_group(s.group))
@@ -104,24 +114,40 @@ class ApiOutput(Output):
         await self.views.publish(snapshot)
 
 
-def _uvicorn_config(app: ApiApp) -> Any:
+def _uvicorn_config(app: ApiApp, table: ConnectionTable, max_header_bytes: int) -> Any:
     import uvicorn
 
     config = uvicorn.Config(
         app,
-        http="h11",
+        http=protocol_class(table),
         ws="none",
         lifespan="off",
         log_config=None,
         access_log=False,
         server_header=False,
         proxy_headers=False,
-        timeout_keep_alive=5,
+        timeout_keep_alive=max(1, round(table.idle_timeout)),  # the protocol uses the float
         timeout_graceful_shutdown=1,
-        limit_concurrency=512,
-        h11_max_incomplete_event_size=16 * 1024,
+        limit_concurrency=None,  # the connection table caps connections (and so requests)
+        h11_max_incomplete_event_size=max_header_bytes,
     )
     config.load()
-    # Quiet uvicorn's stdlib logging: the agent logs through loguru.
-    logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
+    # uvicorn logs through stdlib logging; the agent logs through loguru. Its warnings are
+    # about clients (one per malformed request), which a client must not flood the log with;
+    # its errors go to the agent's log in one line (stdlib's last-resort handler would print
+    # a traceback on stderr).
+    log = logging.getLogger("uvicorn.error")
+    log.setLevel(logging.ERROR)
+    log.propagate = False
+    if not any(isinstance(h, _OneLine) for h in log.handlers):
+        log.addHandler(_OneLine())
     return config
+
+
+class _OneLine(logging.Handler):
+    """uvicorn's error records as one line of the agent's log, without the traceback."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        exc = record.exc_info[1] if record.exc_info else None
+        reason = f": {type(exc).__name__}: {exc}" if exc is not None else ""
+        logger.error("api: {}{}", record.getMessage().strip(), reason)

@@ -1,4 +1,4 @@
-"""``[outputs.api]``: where the unix socket lives, its mode and its owner group."""
+"""``[outputs.api]``: where the unix socket lives, its mode, its owner group and its limits."""
 
 from __future__ import annotations
 
@@ -8,10 +8,22 @@ from typing import Any
 
 import msgspec
 
-from healthmesh import ComponentSettings
+from healthmesh import ComponentSettings, Duration, format_duration
 
 DEFAULT_SOCKET = "/run/healthmesh/health.sock"
 SOCKET_ENV = "HEALTHMESH_SOCK"
+
+#: (key, lowest, highest) of each numeric limit: values outside make no sense or cannot work.
+LIMIT_BOUNDS: dict[str, tuple[float, float]] = {
+    # Below a handful the reserve cannot work; above, file descriptors run out first.
+    "max_connections": (4, 65536),
+    # Seconds. Too short drops clients mid-request on a loaded host; a day is plenty.
+    "idle_timeout": (0.1, 3600.0),
+    # An HTTP/1.1 request line and headers: curl sends ~100 bytes; h11 needs some room.
+    "max_header_bytes": (1024, 1024 * 1024),
+    # No request of this API has a body; a small one is tolerated and ignored.
+    "max_body_bytes": (0, 1024 * 1024),
+}
 
 
 def default_socket() -> str:
@@ -28,6 +40,15 @@ class ApiSettings(ComponentSettings):
     mode: str | int = "0660"
     #: Owner group of the socket (name or number); "" keeps the agent's own group.
     group: str | int = ""
+    #: Open connections at most; at the cap the oldest idle one is closed to admit a new one.
+    max_connections: int = 512
+    #: A connection must send a complete request head within this time of connecting or of
+    #: its previous answer (and read that answer); else it is closed (408 when half-written).
+    idle_timeout: Duration = Duration(10.0)
+    #: Request line and headers together, in bytes; more gets 431.
+    max_header_bytes: int = 16 * 1024
+    #: A request body (declared by Content-Length) above this gets 413.
+    max_body_bytes: int = 4096
 
     @classmethod
     def validate(cls, settings: ApiSettings) -> None:
@@ -41,6 +62,15 @@ class ApiSettings(ComponentSettings):
             raise ValueError(f"socket: {settings.socket!r} is longer than 107 bytes")
         parse_mode(settings.mode)
         resolve_group(settings.group)
+        for key, (low, high) in LIMIT_BOUNDS.items():
+            value = getattr(settings, key)
+            if not low <= value <= high:
+                if isinstance(value, Duration):
+                    shown = f"{format_duration(value)!r}"
+                    span = f"{format_duration(low)} to {format_duration(high)}"
+                else:
+                    shown, span = str(value), f"{int(low)} to {int(high)}"
+                raise ValueError(f"{key}: {shown} is out of range ({span})")
 
 
 def parse_mode(mode: str | int) -> int:

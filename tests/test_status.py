@@ -42,6 +42,11 @@ def test_table_follows_cilium_health_with_the_local_node_first(mixed: AgentProce
     code, out, err = status(mixed)
     assert code == 1, err  # one peer is unreachable
     lines = out.splitlines()
+    # Layer 1 (the agent's components) comes first, then the mesh, as cilium status does.
+    mesh = next(i for i, line in enumerate(lines) if line.startswith("Cluster health:"))
+    assert mesh > 0 and any(line.startswith("Responder:") for line in lines[:mesh]), out
+    assert all(": " in line for line in lines[:mesh] if line.strip())
+    lines = lines[mesh:]
     assert lines[0].startswith("Cluster health: 2/3 reachable (")
     assert lines[0].endswith("(Probe interval: 1s)")
     head = next(i for i, line in enumerate(lines) if line.startswith("Name"))
@@ -74,6 +79,7 @@ def test_succinct_prints_one_line_per_node(mixed: AgentProcess) -> None:
     code, out, _ = status(mixed, "--succinct")
     assert code == 1
     lines = out.splitlines()
+    lines = lines[next(i for i, ln in enumerate(lines) if ln.startswith("Cluster health:")):]
     assert lines[0].startswith("Cluster health: 2/3 reachable")
     # Per-cluster lines may follow the total; then one line per node.
     rows = [line for line in lines[1:] if not line.startswith("  Cluster ")]

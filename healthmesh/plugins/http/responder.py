@@ -11,6 +11,7 @@ Why this and not an ASGI server: docs/http.md and docs/benchmarks.md.
 from __future__ import annotations
 
 import asyncio
+import collections
 import errno
 import itertools
 import resource
@@ -39,6 +40,10 @@ DEFAULT_LISTEN = ("0.0.0.0:4240", "[::]:4240")
 #: Seconds a closing connection may go on sending input we discard (see ``_finish``).
 LINGER = 2.0
 ACCEPTS_PER_WAKEUP = 64
+#: Queued (pipelined) requests answered per event-loop iteration, over all connections: the
+#: work a flood of pipelined requests adds to each iteration stays the same however many
+#: connections carry it, so a probe on another connection waits for at most this many.
+TURNS_PER_ITERATION = 16
 #: Bytes read per wake-up: a request head at most 8 KiB by default, a little pipelining.
 _RECV_SIZE = 16384
 _OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
@@ -256,6 +261,22 @@ class ConnectionPool:
         self.timed_out = 0
         self.rejected = 0
         self.last_warning = 0.0
+        self.turns: collections.deque[Connection] = collections.deque()  # waiting to go on
+        self.turns_handle: asyncio.Handle | None = None
+
+    def queue_turn(self, conn: Connection) -> None:
+        """Answer ``conn``'s next queued request in a later loop iteration, in turn."""
+        self.turns.append(conn)
+        if self.turns_handle is None:
+            self.turns_handle = self.loop.call_soon(self._run_turns)
+
+    def _run_turns(self) -> None:
+        turns = self.turns
+        for _ in range(min(len(turns), TURNS_PER_ITERATION)):
+            conn = turns.popleft()
+            conn.queued = False
+            conn.on_turn()
+        self.turns_handle = self.loop.call_soon(self._run_turns) if turns else None
 
     def accept(self, sock: socket.socket) -> None:
         if len(self.open) >= self.cap:
@@ -284,6 +305,10 @@ class ConnectionPool:
                 conn.close()
 
     def close_all(self) -> None:
+        if self.turns_handle is not None:
+            self.turns_handle.cancel()
+            self.turns_handle = None
+        self.turns.clear()
         for conn in list(self.open):
             conn.close()
         self.open.clear()
@@ -294,14 +319,15 @@ class Connection:
 
     Driven by reader/writer callbacks on the bare socket; the common probe (one request,
     ``Connection: close``) is answered inside the accept callback without registering it.
-    At most one request is answered per callback: the requests a client pipelines are
-    answered one per event-loop iteration, so every other connection is served in between,
-    and a client with more than ``max_pipelined`` requests queued behind the one being
-    answered gets that many answers, the last with ``Connection: close``, and is closed.
+    At most one request is answered per callback: the requests a client pipelines wait
+    for their turn (``ConnectionPool.queue_turn``), a bounded number per loop iteration, so
+    every other connection is served in between; a client with more than ``max_pipelined``
+    requests queued behind the one being answered gets that many answers, the last with
+    ``Connection: close``, and is closed without reading the rest.
     """
 
-    __slots__ = ("buf", "deadline", "draining", "fd", "left", "out", "pool", "reading", "sock",
-                 "step", "writing")
+    __slots__ = ("buf", "deadline", "draining", "fd", "left", "out", "pool", "queued", "reading",
+                 "sock", "writing")
 
     def __init__(self, pool: ConnectionPool, sock: socket.socket) -> None:
         self.pool = pool
@@ -312,7 +338,7 @@ class Connection:
         self.reading = self.writing = False
         self.draining = False  # answered and shut down for writing; discarding input until EOF
         self.left: int | None = None  # answers left before a close, once over the pipeline limit
-        self.step: asyncio.Handle | None = None  # the next queued request's turn
+        self.queued = False  # waiting in the pool's turns for its next request
         self.deadline = pool.loop.time() + pool.settings.header_timeout
 
     # -- input ------------------------------------------------------------------------------
@@ -345,9 +371,11 @@ class Connection:
             self.left = s.max_pipelined + 1
         self._next()
 
+    def on_turn(self) -> None:
+        self._next()
+
     def _next(self) -> None:
         """Answer the first request in the input, if it is complete; then wait for the next."""
-        self.step = None
         if self.sock is None or self.draining:
             return
         pool = self.pool
@@ -391,7 +419,10 @@ class Connection:
         if self.sock is None:  # the client reset the connection
             return
         if not keep:  # a request body is never read: answer, then close
-            self._finish(unread=bool(buf) or head.has_body)
+            if self.left == 0:  # a flood: the rest is not worth reading (closed at once)
+                self._finish(unread=False)
+            else:
+                self._finish(unread=bool(buf) or head.has_body)
             return
         if self.out:  # the client is not reading its answers: wait until it does
             self._want_read(False)
@@ -400,7 +431,8 @@ class Connection:
         if buf:  # more input: the next request waits for the next loop iteration
             self._want_read(False)
             self.deadline = pool.loop.time() + s.header_timeout
-            self.step = pool.loop.call_soon(self._next)
+            self.queued = True
+            pool.queue_turn(self)
             return
         self.left = None  # caught up: a later burst is counted afresh
         self.deadline = pool.loop.time() + s.idle_timeout
@@ -450,7 +482,10 @@ class Connection:
             return
         self._want_write(False)
         if self.draining:
-            self._linger()
+            if self.left == 0:
+                self.close()
+            else:
+                self._linger()
         elif self.buf:  # pipelined requests waiting behind the slow reader
             self._next()
         else:
@@ -506,9 +541,6 @@ class Connection:
         sock = self.sock
         if sock is None:
             return
-        if self.step is not None:
-            self.step.cancel()
-            self.step = None
         self._want_read(False)
         self._want_write(False)
         self.sock = None

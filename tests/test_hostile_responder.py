@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -19,7 +20,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from healthmesh.plugins.http import http_get
+from healthmesh.plugins.http import Responder, ResponderSettings, http_get
 from tests.conftest import ROOT
 from tests.responders import ResponderProcess, port_of, responder
 
@@ -114,6 +115,32 @@ async def test_pipelining_within_the_limit_is_all_answered_in_order() -> None:
                    + b"GET /hello HTTP/1.1\r\nConnection: close\r\n\r\n")
         reply = await exchange(port_of(r), request)
     assert re.findall(rb"HTTP/1\.1 (\d{3}) ", reply) == [b"200", b"200", b"404", b"404", b"200"]
+
+
+def test_the_pipelining_limit_is_an_option_of_the_responder_command(tmp_path: Path) -> None:
+    rp = ResponderProcess(tmp_path / "responder.log", "--max-pipelined", "2")
+    try:
+        with socket.create_connection(("127.0.0.1", rp.port), timeout=2) as s:
+            s.sendall(b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\n" * 10)
+            reply = b""
+            deadline = time.monotonic() + 2
+            while time.monotonic() < deadline:
+                try:
+                    data = s.recv(4096)
+                except ConnectionResetError:
+                    break
+                if not data:
+                    break
+                reply += data
+        assert rp.stop() == 0
+    finally:
+        rp.stop()
+    assert reply.count(b"HTTP/1.1 200 OK\r\n") == 3, reply
+
+
+def test_a_negative_pipelining_limit_is_refused_naming_the_key() -> None:
+    with pytest.raises(ValueError, match="max_pipelined"):
+        Responder.validate_settings(ResponderSettings(max_pipelined=-1), None)
 
 
 # -- item 9: the answers Go's net/http gives ---------------------------------------------

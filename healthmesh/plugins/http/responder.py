@@ -28,6 +28,7 @@ from loguru import logger
 from healthmesh import AgentContext, ComponentSettings, Duration, Service
 from healthmesh.plugins.http.listen import bind, check_listen, format_listen, ipv6_unavailable
 from healthmesh.plugins.http.wire import (
+    MIN_HEAD_BYTES,
     MalformedHead,
     check_request_line,
     head_end,
@@ -367,7 +368,9 @@ class Connection:
         else:
             self.buf += data
         # Reading stops while a complete head waits, so this counts one read's requests.
-        if self.left is None and heads_in(self.buf) > s.max_pipelined + 1:
+        # (A read shorter than max_pipelined + 2 minimal heads cannot be over: not counted.)
+        if (self.left is None and len(self.buf) >= MIN_HEAD_BYTES * (s.max_pipelined + 2)
+                and heads_in(self.buf) > s.max_pipelined + 1):
             self.left = s.max_pipelined + 1
         self._next()
 

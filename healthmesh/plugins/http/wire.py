@@ -58,14 +58,22 @@ def head_end(buf: bytes) -> tuple[int, int]:
     lf = buf.find(b"\n\n")
     crlf = buf.find(b"\n\r\n")
     if crlf >= 0 and (lf < 0 or crlf < lf):
-        return crlf, crlf + 3
-    if lf >= 0:
-        return lf, lf + 2
-    return -1, -1
+        end, after = crlf, crlf + 3
+    elif lf >= 0:
+        end, after = lf, lf + 2
+    else:
+        return -1, -1
+    if buf[end - 1 : end] == b"\r":  # the CR of the last line's CRLF
+        end -= 1
+    return end, after
+
+
+#: The shortest request head there is: ``A / HTTP/1.1`` and two LFs.
+MIN_HEAD_BYTES = 14
 
 
 def heads_in(buf: bytes) -> int:
-    """How many request heads ``buf`` completes, at least (a bound for pipelining)."""
+    """How many request heads ``buf`` completes, at most (a bound for pipelining)."""
     return buf.count(b"\n\n") + buf.count(b"\n\r\n")
 
 
@@ -81,7 +89,8 @@ def check_request_line(line: bytes) -> tuple[bytes, bytes, int]:
 
 def parse_request_head(head: bytes, max_headers: int) -> RequestHead:
     """Parse a request head (without its final blank line); MalformedHead on anything odd."""
-    lines = [line[:-1] if line[-1:] == b"\r" else line for line in head.split(b"\n")]
+    # CRLF or bare LF; a CR anywhere else is left in place and refused below.
+    lines = head.replace(b"\r\n", b"\n").split(b"\n")
     method, target, minor = check_request_line(lines[0])
     if len(lines) - 1 > max_headers:
         raise MalformedHead(f"more than {max_headers} header fields", 431)

@@ -267,6 +267,9 @@ class ConnectionPool:
 
     def queue_turn(self, conn: Connection) -> None:
         """Answer ``conn``'s next queued request in a later loop iteration, in turn."""
+        if conn.queued:
+            return
+        conn.queued = True
         self.turns.append(conn)
         if self.turns_handle is None:
             self.turns_handle = self.loop.call_soon(self._run_turns)
@@ -434,7 +437,6 @@ class Connection:
         if buf:  # more input: the next request waits for the next loop iteration
             self._want_read(False)
             self.deadline = pool.loop.time() + s.header_timeout
-            self.queued = True
             pool.queue_turn(self)
             return
         self.left = None  # caught up: a later burst is counted afresh

@@ -54,6 +54,10 @@ def _listen(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) 
     help="Time a kept-alive connection may idle between requests.",
 )
 @click.option(
+    "--max-pipelined", type=click.IntRange(min=0), default=16, show_default=True,
+    help="Requests a client may pipeline ahead of its answers; past it, it is closed.",
+)
+@click.option(
     "--loop", type=click.Choice(["auto", "asyncio", "uvloop"]), default="auto",
     show_default=True, help="Event loop; auto uses uvloop when it is installed.",
 )
@@ -63,7 +67,7 @@ def _listen(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) 
 )
 def responder_command(
     listen: list[str], max_connections: int, header_timeout: Duration, idle_timeout: Duration,
-    loop: str, log_level: str,
+    max_pipelined: int, loop: str, log_level: str,
 ) -> None:
     """Run the health responder alone: GET /hello -> 200, any other path -> 404.
 
@@ -81,7 +85,7 @@ def responder_command(
     logger.add(sys.stderr, level=log_level.upper(), format="{time:YYYY-MM-DD HH:mm:ss} {message}")
     settings = ResponderSettings(
         listen=listen, max_connections=max_connections, header_timeout=header_timeout,
-        idle_timeout=idle_timeout,
+        idle_timeout=idle_timeout, max_pipelined=max_pipelined,
     )
     try:
         anyio.run(_serve, settings, backend="asyncio",

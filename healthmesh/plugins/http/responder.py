@@ -11,6 +11,7 @@ Why this and not an ASGI server: docs/http.md and docs/benchmarks.md.
 from __future__ import annotations
 
 import asyncio
+import collections
 import errno
 import itertools
 import resource
@@ -26,14 +27,26 @@ from loguru import logger
 
 from healthmesh import AgentContext, ComponentSettings, Duration, Service
 from healthmesh.plugins.http.listen import bind, check_listen, format_listen, ipv6_unavailable
-from healthmesh.plugins.http.wire import MalformedHead, parse_request_head
+from healthmesh.plugins.http.wire import (
+    MIN_HEAD_BYTES,
+    MalformedHead,
+    check_request_line,
+    head_end,
+    heads_in,
+    parse_request_head,
+)
 
 HELLO = b"/hello"
 DEFAULT_LISTEN = ("0.0.0.0:4240", "[::]:4240")
 #: Seconds a closing connection may go on sending input we discard (see ``_finish``).
 LINGER = 2.0
 ACCEPTS_PER_WAKEUP = 64
-_RECV_SIZE = 65536
+#: Queued (pipelined) requests answered per event-loop iteration, over all connections: the
+#: work a flood of pipelined requests adds to each iteration stays the same however many
+#: connections carry it, so a probe on another connection waits for at most this many.
+TURNS_PER_ITERATION = 16
+#: Bytes read per wake-up: a request head at most 8 KiB by default, a little pipelining.
+_RECV_SIZE = 16384
 _OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 #: File descriptors kept free for everything else the process does (API socket, probes).
 FD_RESERVE = 256
@@ -52,6 +65,9 @@ class ResponderSettings(ComponentSettings):
     #: Request line plus headers, in bytes; longer heads get 431 and a close.
     max_head_bytes: int = 8192
     max_headers: int = 64
+    #: Requests a client may queue behind the one being answered; past it the client gets
+    #: that many answers, the last with ``Connection: close``, and the connection is closed.
+    max_pipelined: int = 16
     backlog: int = 1024
 
 
@@ -76,6 +92,8 @@ class Responder(Service):
         for key in ("max_connections", "max_head_bytes", "max_headers", "backlog"):
             if getattr(settings, key) < 1:
                 raise ValueError(f"{key}: must be at least 1")
+        if settings.max_pipelined < 0:
+            raise ValueError("max_pipelined: must be at least 0")
         if settings.max_head_bytes < 256:
             raise ValueError("max_head_bytes: must be at least 256")
         for key in ("header_timeout", "idle_timeout"):
@@ -244,6 +262,25 @@ class ConnectionPool:
         self.timed_out = 0
         self.rejected = 0
         self.last_warning = 0.0
+        self.turns: collections.deque[Connection] = collections.deque()  # waiting to go on
+        self.turns_handle: asyncio.Handle | None = None
+
+    def queue_turn(self, conn: Connection) -> None:
+        """Answer ``conn``'s next queued request in a later loop iteration, in turn."""
+        if conn.queued:
+            return
+        conn.queued = True
+        self.turns.append(conn)
+        if self.turns_handle is None:
+            self.turns_handle = self.loop.call_soon(self._run_turns)
+
+    def _run_turns(self) -> None:
+        turns = self.turns
+        for _ in range(min(len(turns), TURNS_PER_ITERATION)):
+            conn = turns.popleft()
+            conn.queued = False
+            conn.on_turn()
+        self.turns_handle = self.loop.call_soon(self._run_turns) if turns else None
 
     def accept(self, sock: socket.socket) -> None:
         if len(self.open) >= self.cap:
@@ -272,6 +309,10 @@ class ConnectionPool:
                 conn.close()
 
     def close_all(self) -> None:
+        if self.turns_handle is not None:
+            self.turns_handle.cancel()
+            self.turns_handle = None
+        self.turns.clear()
         for conn in list(self.open):
             conn.close()
         self.open.clear()
@@ -282,19 +323,26 @@ class Connection:
 
     Driven by reader/writer callbacks on the bare socket; the common probe (one request,
     ``Connection: close``) is answered inside the accept callback without registering it.
+    At most one request is answered per callback: the requests a client pipelines wait
+    for their turn (``ConnectionPool.queue_turn``), a bounded number per loop iteration, so
+    every other connection is served in between; a client with more than ``max_pipelined``
+    requests queued behind the one being answered gets that many answers, the last with
+    ``Connection: close``, and is closed without reading the rest.
     """
 
-    __slots__ = ("buf", "deadline", "draining", "fd", "out", "pool", "reading", "sock",
-                 "writing")
+    __slots__ = ("buf", "deadline", "draining", "fd", "left", "out", "pool", "queued", "reading",
+                 "sock", "writing")
 
     def __init__(self, pool: ConnectionPool, sock: socket.socket) -> None:
         self.pool = pool
         self.sock: socket.socket | None = sock
         self.fd = sock.fileno()
-        self.buf = b""
+        self.buf = b""  # input not answered yet; never holds a complete head while reading
         self.out = b""  # response bytes the socket did not take yet
         self.reading = self.writing = False
         self.draining = False  # answered and shut down for writing; discarding input until EOF
+        self.left: int | None = None  # answers left before a close, once over the pipeline limit
+        self.queued = False  # waiting in the pool's turns for its next request
         self.deadline = pool.loop.time() + pool.settings.header_timeout
 
     # -- input ------------------------------------------------------------------------------
@@ -316,50 +364,84 @@ class Connection:
             return
         if self.draining:
             return
-        self._received(data)
-        if self.sock is not None and not self.draining and not self.out:
-            self._want_read(True)
+        s = self.pool.settings
+        if not self.buf:
+            self.deadline = self.pool.loop.time() + s.header_timeout
+            self.buf = data
+        else:
+            self.buf += data
+        # Reading stops while a complete head waits, so this counts one read's requests.
+        # (A read shorter than max_pipelined + 2 minimal heads cannot be over: not counted.)
+        if (self.left is None and len(self.buf) >= MIN_HEAD_BYTES * (s.max_pipelined + 2)
+                and heads_in(self.buf) > s.max_pipelined + 1):
+            self.left = s.max_pipelined + 1
+        self._next()
 
-    def _received(self, data: bytes) -> None:
+    def on_turn(self) -> None:
+        self._next()
+
+    def _next(self) -> None:
+        """Answer the first request in the input, if it is complete; then wait for the next."""
+        if self.sock is None or self.draining:
+            return
         pool = self.pool
         s = pool.settings
-        if not self.buf:
-            self.deadline = pool.loop.time() + s.header_timeout
-        buf = self.buf + data if self.buf else data
-        while buf:
-            if buf[:2] == b"\r\n":  # stray line ends before a request line are allowed
-                buf = buf.lstrip(b"\r\n")
-                continue
-            end = buf.find(b"\r\n\r\n")
-            if end < 0 or end > s.max_head_bytes:
-                if end > s.max_head_bytes or len(buf) > s.max_head_bytes:
-                    self._reject(431, f"request head over {s.max_head_bytes} bytes")
+        buf = self.buf
+        if buf[:1] in (b"\r", b"\n"):  # stray line ends before a request line are allowed
+            buf = self.buf = buf.lstrip(b"\r\n")
+        end, after = head_end(buf)
+        if end < 0 or end > s.max_head_bytes:
+            if end > s.max_head_bytes or len(buf) > s.max_head_bytes:
+                self._reject(431, f"request head over {s.max_head_bytes} bytes")
+                return
+            line_end = buf.find(b"\n")
+            if line_end >= 0:  # refuse a bad request line (HTTP/0.9) without waiting for more
+                try:
+                    check_request_line(buf[:line_end].rstrip(b"\r"))
+                except MalformedHead as exc:
+                    self._reject(exc.status, str(exc))
                     return
-                break
-            try:
-                head = parse_request_head(buf[:end], s.max_headers)
-            except MalformedHead as exc:
-                self._reject(exc.status, str(exc))
-                return
-            buf = buf[end + 4 :]
-            pool.requests += 1
-            keep = head.keep_alive and not head.has_body
-            if head.path == HELLO:
-                self._send(REPLIES.hello(keep, head.minor))
+            self._want_read(True)
+            return
+        try:
+            head = parse_request_head(buf[:end], s.max_headers)
+        except MalformedHead as exc:
+            self._reject(exc.status, str(exc))
+            return
+        buf = self.buf = buf[after:]
+        pool.requests += 1
+        keep = head.keep_alive and not head.has_body
+        if self.left is not None:
+            self.left -= 1
+            if self.left <= 0:  # pipelined past the limit: this is the last answer
+                keep = False
+        if head.path == HELLO:
+            self._send(REPLIES.hello(keep, head.minor))
+        else:
+            self._send(
+                REPLIES.text(404, "Not Found", NOT_FOUND, keep_alive=keep, minor=head.minor,
+                             head_only=head.method == b"HEAD")
+            )
+        if self.sock is None:  # the client reset the connection
+            return
+        if not keep:  # a request body is never read: answer, then close
+            if self.left == 0:  # a flood: the rest is not worth reading (closed at once)
+                self._finish(unread=False)
             else:
-                self._send(
-                    REPLIES.text(404, "Not Found", NOT_FOUND, keep_alive=keep, minor=head.minor,
-                                 head_only=head.method == b"HEAD")
-                )
-            if not keep:  # a request body is never read: answer, then close
                 self._finish(unread=bool(buf) or head.has_body)
-                return
-            if self.out:  # the client is not reading its answers: stop reading its requests
-                self._want_read(False)
-                self.buf = buf
-                return
-            self.deadline = pool.loop.time() + (s.header_timeout if buf else s.idle_timeout)
-        self.buf = buf
+            return
+        if self.out:  # the client is not reading its answers: wait until it does
+            self._want_read(False)
+            self.deadline = pool.loop.time() + s.header_timeout
+            return
+        if buf:  # more input: the next request waits for the next loop iteration
+            self._want_read(False)
+            self.deadline = pool.loop.time() + s.header_timeout
+            pool.queue_turn(self)
+            return
+        self.left = None  # caught up: a later burst is counted afresh
+        self.deadline = pool.loop.time() + s.idle_timeout
+        self._want_read(True)
 
     def _reject(self, status: int, why: str) -> None:
         self.pool.rejected += 1
@@ -371,11 +453,13 @@ class Connection:
     # -- output -----------------------------------------------------------------------------
 
     def _send(self, data: bytes) -> None:
+        """Send ``data`` or queue what the socket does not take; a reset closes quietly."""
+        sock = self.sock
+        if sock is None:
+            return
         if self.out:
             self.out += data
             return
-        sock = self.sock
-        assert sock is not None
         try:
             sent = sock.send(data)
         except (BlockingIOError, InterruptedError):
@@ -403,16 +487,22 @@ class Connection:
             return
         self._want_write(False)
         if self.draining:
-            self._linger()
+            if self.left == 0:
+                self.close()
+            else:
+                self._linger()
+        elif self.buf:  # pipelined requests waiting behind the slow reader
+            self._next()
         else:
+            self.left = None
+            self.deadline = self.pool.loop.time() + self.pool.settings.idle_timeout
             self._want_read(True)
-            if self.buf:  # pipelined requests waiting behind the slow reader
-                buf, self.buf = self.buf, b""
-                self._received(buf)
 
     def _finish(self, *, unread: bool) -> None:
         """The last answer is queued: close, gently when the client may still be sending."""
         self.buf = b""
+        if self.sock is None:
+            return
         if not unread and not self.out:
             self.close()
             return
@@ -424,7 +514,8 @@ class Connection:
             self._linger()
 
     def _linger(self) -> None:
-        assert self.sock is not None
+        if self.sock is None:
+            return
         try:
             self.sock.shutdown(socket.SHUT_WR)
         except OSError:
@@ -458,5 +549,6 @@ class Connection:
         self._want_read(False)
         self._want_write(False)
         self.sock = None
+        self.buf = self.out = b""
         self.pool.open.pop(self, None)
         sock.close()

@@ -146,7 +146,7 @@ class KindState:
                 out[key + "_avg"] = round(self._detail_sums[key] / len(values), 3)
 
     def as_dict(self) -> dict[str, Any]:
-        """The JSON form of DESIGN.md's per-kind probe entry."""
+        """The JSON form of a per-kind probe entry (docs/snapshot.schema.json)."""
         last = self.last
         out: dict[str, Any] = {"state": self.state.value}
         if last is None:

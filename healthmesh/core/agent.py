@@ -14,6 +14,7 @@ from loguru import logger
 
 from healthmesh.core.components import Output, PeerSource, Probe, ProbeUnavailable, Service
 from healthmesh.core.config import Config
+from healthmesh.core.events import EventLog, StateEvents, feed_output
 from healthmesh.core.membership import Membership
 from healthmesh.core.model import Node, Snapshot
 from healthmesh.core.plugins import PluginRegistry
@@ -65,6 +66,15 @@ class Agent:
         self.services: list[Service] = []
         self.console: Output | None = None
         self._build(console)
+        ev = config.core.events
+        self.events = EventLog(self.local_node.id, ring=ev.ring, buffer=ev.buffer)
+        self._transitions = StateEvents(
+            self.events,
+            self.membership.nodes,
+            lambda node: self.membership.paths_of(node, host=p.host, endpoint=p.endpoint),
+            self.store,
+            lambda: self.probes,
+        )
         self.scheduler = Scheduler(
             p,
             self.probes,
@@ -72,6 +82,7 @@ class Agent:
             seed=self.local_node.id,
             on_round=self._round_completed,
             on_change=self._state_changed,
+            on_transition=self._transitions.path_changed,
         )
         self._changed: anyio.Event | None = None
         self._last_round: RoundInfo | None = None
@@ -130,6 +141,9 @@ class Agent:
             },
             "probe_kinds": sorted(self.probes),
         }
+        stats = {o.name: st for o in self.outputs if (st := o.stats()) is not None}
+        if stats:
+            extra["outputs"] = stats
         return build_snapshot(
             self.membership,
             self.store,
@@ -157,6 +171,7 @@ class Agent:
             for path in self.membership.paths_of(node, host=p.host, endpoint=p.endpoint)
         ]
         self.scheduler.set_paths(paths)
+        self._transitions.membership_changed()
         # Live outputs (the API) show added and removed nodes now, not at the end of a round.
         self._state_changed()
 
@@ -209,6 +224,11 @@ class Agent:
                     for out in self.outputs:
                         await tg.start(self._start, out.name, out.run)
                     tg.start_soon(self._publish_changes)
+                    for out in self.outputs:
+                        if type(out).events is not Output.events:  # only outputs that want them
+                            tg.start_soon(functools.partial(
+                                feed_output, self.events, out, timeout=self.config.probing.interval
+                            ))
                 for src in self.sources:
                     feed = self.membership.feed(src.name)
                     await tg.start(self._start_source, src, feed)

@@ -191,9 +191,7 @@ class Hostile:
         register(Recording)
 
 
-async def test_raising_and_hanging_outputs_block_neither_others_nor_the_agent(
-    tmp_path: Path,
-) -> None:
+def agent_text(tmp_path: Path, extra: str = "") -> tuple[str, Path]:
     port = free_port()
     sock = tmp_path / "api.sock"
     text = f"""
@@ -214,10 +212,14 @@ port = {port}
 nodes = [{{name = "peer", addresses = ["127.0.0.2"]}}, {{name = "dead", addresses = ["127.0.0.9"]}}]
 [outputs.api]
 socket = "{sock}"
-[outputs.raising]
-[outputs.hanging]
-[outputs.recording]
-"""
+{extra}"""
+    return text, sock
+
+
+async def test_raising_and_hanging_outputs_block_neither_others_nor_the_agent(
+    tmp_path: Path,
+) -> None:
+    text, sock = agent_text(tmp_path, "[outputs.raising]\n[outputs.hanging]\n[outputs.recording]\n")
     raw = parse_raw(text, "hostile.toml")
     registry = PluginRegistry().load(extra={"hostile": Hostile()})
     agent = Agent(resolve(raw, registry), registry)
@@ -241,3 +243,31 @@ socket = "{sock}"
     assert seqs == list(range(1, len(seqs) + 1))  # every event, in order, once
     assert served[: len(seqs)] == [e.to_dict() for e in Recording.got]
     assert Raising.calls >= 1 and Hanging.calls >= 1
+
+
+async def test_a_quiet_stream_gets_heartbeats(tmp_path: Path) -> None:
+    text, sock = agent_text(tmp_path)
+    registry = PluginRegistry().load()
+    agent = Agent(resolve(parse_raw(text, "hb.toml"), registry), registry)
+    api = next(o for o in agent.outputs if o.name == "api")
+    api.app.event_streams.heartbeat = 0.3  # type: ignore[attr-defined]
+    validator = event_validator()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(agent.run)
+        with anyio.fail_after(20):
+            while not any(e.node == "dead" and e.type == "node" and e.to == "unreachable"
+                          for e in agent.events.replay(0)):
+                await anyio.sleep(0.05)
+            transport = httpx.AsyncHTTPTransport(uds=str(sock))
+            lines: list[dict[str, Any]] = []
+            async with httpx.AsyncClient(transport=transport, base_url="http://x") as c, \
+                    c.stream("GET", f"/v1/events?since={agent.events.seq}") as resp:
+                async for line in resp.aiter_lines():
+                    lines.append(json.loads(line))
+                    if sum(1 for x in lines if x["type"] == "heartbeat") >= 3:
+                        break
+        tg.cancel_scope.cancel()
+    beats = [x for x in lines if x["type"] == "heartbeat"]
+    for beat in beats:
+        validator.validate(beat)
+        assert beat["seq"] >= 1

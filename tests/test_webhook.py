@@ -326,3 +326,28 @@ def test_dedup_folds_flapping(tmp_path: Path, receiver: Receiver) -> None:
             assert trailing[0] == {**last, "suppressed": 0}
         finally:
             peer.stop()
+
+
+@pytest.mark.parametrize(("section", "message"), [
+    ("", "outputs.webhook.urls: at least one URL is required"),
+    ('urls = ["ftp://x/"]', "outputs.webhook.urls[0]: 'ftp://x/' is not an http:// or https://"),
+    ('urls = ["http://u:pw@h/"]\nqueue = 0', "outputs.webhook.queue: must be between 1 and"),
+    ('urls = ["http://h/"]\nsecret = "a"\nsecret_file = "/x"', "outputs.webhook.secret_file: "
+     "give secret or secret_file, not both"),
+    ('urls = ["http://h/"]\nsecret_file = "/nonexistent/key"', "outputs.webhook.secret_file: "
+     "/nonexistent/key: no such file"),
+    ('urls = ["http://h/"]\ntypes = ["paths"]', "outputs.webhook.types: 'paths' is not one of"),
+    ('urls = ["http://h/"]\nretry = 3', "outputs.webhook.retry: unknown key"),
+])
+def test_bad_webhook_config_is_one_line_exit_2(tmp_path: Path, section: str,
+                                               message: str) -> None:
+    from tests.conftest import run_cli
+
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(agent_config(tmp_path / "s.sock", 4240, '{name = "p", addresses = '
+                                '["127.0.0.2"]}', section))
+    proc = run_cli("config", "check", "-c", str(cfg))
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], proc.stderr
+    assert "pw" not in proc.stderr

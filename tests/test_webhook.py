@@ -188,6 +188,11 @@ def test_failing_slow_and_restarting_receiver(tmp_path: Path, receiver: Receiver
             lab.agent.wait_serving()
             first = wait_ring(lab.sock, lambda e: is_change(e, "peer", "reachable"))
             receiver.wait_seqs({e["seq"] for e in first}, 20)
+            # The slow answer was recorded before the agent gave up on it: wait for the retry.
+            deadline = time.monotonic() + 20
+            while stats(lab.sock)["urls"][receiver.url]["delivered"] < len(first):
+                assert time.monotonic() < deadline, stats(lab.sock)
+                time.sleep(0.05)
 
             # Backoff: the first batch's attempts, same delivery id, ever further apart.
             first_id = receiver.posts[0]["headers"]["x-healthmesh-delivery"]

@@ -29,7 +29,8 @@ from tests.events_support import (
     ring,
     wait_ring,
 )
-from tests.test_api_support import AgentProcess
+from tests.netns import Netns
+from tests.test_api_support import AgentProcess, agent_config
 
 NODES = """
 [[nodes]]
@@ -286,3 +287,28 @@ def test_agent_stops_promptly_with_a_stream_open(tmp_path: Path) -> None:
                 reader.next(5)
     finally:
         agent.stop()
+
+
+@pytest.mark.root
+def test_a_blackholed_peer_times_out_and_recovers(ns: Netns, tmp_path: Path) -> None:
+    """iptables DROP (in a namespace the test made) makes probes time out, not fail fast."""
+    sock = tmp_path / "health.sock"
+    cfg = agent_config(str(sock), 4240, peers='{name = "peer", addresses = ["127.0.0.2"]}',
+                       listen=("0.0.0.0",), interval="500ms", timeout="300ms")
+    agent = AgentProcess(tmp_path, cfg, socket_path=sock, prefix=ns.cmd())
+    with agent:
+        agent.wait_serving()
+        wait_ring(str(sock), lambda e: is_change(e, "peer", "reachable"))
+        reader = StreamReader(str(sock), "/v1/events")
+        try:
+            ns.run("iptables", "-A", "INPUT", "-d", "127.0.0.2", "-j", "DROP")
+            down = reader.wait_for(lambda e: is_change(e, "peer", "unreachable"), 15)
+            path = next(e for e in down if e.get("path") == "127.0.0.2")
+            assert (path["from"], path["to"]) == ("reachable", "unreachable")
+            assert path["reason"].startswith("timeout after 300ms"), path
+            ns.run("iptables", "-D", "INPUT", "-d", "127.0.0.2", "-j", "DROP")
+            up = reader.wait_for(lambda e: is_change(e, "peer", "reachable"), 15)
+            assert up[-1]["from"] == "unreachable" and up[-1]["type"] == "node"
+            assert any(e.get("path") == "127.0.0.2" and e["reason"] == "recovered" for e in up)
+        finally:
+            reader.close()

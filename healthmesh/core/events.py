@@ -71,14 +71,6 @@ class Gap(msgspec.Struct, kw_only=True, tag_field="type", tag="gap"):
     reason: str
 
 
-_encoder = msgspec.json.Encoder()
-
-
-def encode_line(item: Event | Gap | dict[str, Any]) -> bytes:
-    """One NDJSON line."""
-    return _encoder.encode(item) + b"\n"
-
-
 class EventLog:
     """The agent's events: a bounded ring for replay and bounded fan-out to followers."""
 

@@ -13,10 +13,10 @@ from datetime import datetime
 from typing import Any
 
 import anyio
+import msgspec
 from loguru import logger
 
 from healthmesh import AgentContext, Event, Gap, rfc3339
-from healthmesh.core.events import encode_line
 from healthmesh.plugins.api.app import HttpError
 
 MAX_STREAMS = 16
@@ -139,9 +139,12 @@ class EventStreams:
                 await _send_lines(send, follower.batch(item, CHUNK_LINES))
 
 
+_encoder = msgspec.json.Encoder()
+
+
 async def _send_lines(send: Any, items: list[Any]) -> None:
     if items:
-        body = b"".join(encode_line(i) for i in items)
+        body = b"".join(_encoder.encode(i) + b"\n" for i in items)
         await send({"type": "http.response.body", "body": body, "more_body": True})
 
 

@@ -106,6 +106,26 @@ async def test_a_follower_behind_the_ring_gets_a_gap_with_the_count() -> None:
     assert [e.seq for e in got[6:] if isinstance(e, Event)] == list(range(21, 31))
 
 
+async def test_an_event_handed_to_a_cancelled_receive_is_not_lost() -> None:
+    log = EventLog("default/me")
+    with log.follow(0) as f:
+        for n in range(1, 21):
+            async with anyio.create_task_group() as tg:
+                scope = anyio.CancelScope()
+
+                async def wait(scope: anyio.CancelScope = scope) -> None:
+                    with scope:
+                        await f.receive()
+
+                tg.start_soon(wait)
+                await anyio.sleep(0.01)  # it is waiting now
+                emit(log, 1)
+                scope.cancel()  # the same tick: the event may be handed over, then cancelled
+            with anyio.fail_after(5):
+                got = await f.receive() if f.last < n else None
+            assert f.last == n, (n, got)
+
+
 async def test_a_seq_ahead_of_the_agent_replays_from_its_start() -> None:
     log = EventLog("default/me")
     emit(log, 3)

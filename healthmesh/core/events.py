@@ -225,6 +225,11 @@ class Follower:
                 else:
                     ev = self._recv.receive_nowait()
             except anyio.WouldBlock:
+                if self.log.seq > self.last:
+                    # Emitted but not in the stream: handed to a receive() that was then
+                    # cancelled. The ring still has it.
+                    self._reattach()
+                    return self.receive_nowait() if self._from_ring else None
                 return None
             except (anyio.EndOfStream, anyio.ClosedResourceError):
                 self._reattach()

@@ -238,9 +238,13 @@ def test_failing_slow_and_restarting_receiver(tmp_path: Path, receiver: Receiver
             assert all(verify(p) for p in receiver.posts)
             assert all(p["headers"]["content-type"] == "application/json"
                        for p in receiver.posts)
+            # The receiver records a POST before it answers: let the agent see the answer.
+            deadline = time.monotonic() + 10
+            while stats(lab.sock)["urls"][receiver.url]["delivered"] < len(by_seq):
+                assert time.monotonic() < deadline, stats(lab.sock)
+                time.sleep(0.05)
             st = stats(lab.sock)["urls"][receiver.url]
             assert st["dropped"] == 0 and st["failed_attempts"] >= 5
-            assert st["delivered"] >= len(by_seq)
         finally:
             peer.stop()
 
@@ -253,16 +257,26 @@ def test_full_queue_drops_oldest_and_counts(tmp_path: Path, receiver: Receiver) 
     lab = Lab(tmp_path, webhook, dead)
     with lab.agent:
         lab.agent.wait_serving()
-        events = wait_ring(lab.sock, lambda e: sum(
-            1 for x in ring(lab.sock) if x["type"] == "node" and x["to"] == "unreachable") >= 30)
+        deadline = time.monotonic() + 20
+        while True:
+            events = ring(lab.sock)
+            if sum(1 for x in events if x["type"] == "node" and x["to"] == "unreachable") >= 30:
+                break
+            assert time.monotonic() < deadline, events
+            time.sleep(0.1)
         total = {e["seq"] for e in events}
         time.sleep(0.5)
         receiver.start()
         newest = sorted(total)[-20:]
         receiver.wait_seqs(set(newest), 20)
         deadline = time.monotonic() + 10
-        while stats(lab.sock)["urls"][receiver.url]["queued"] and time.monotonic() < deadline:
+        while True:  # until every event is either acknowledged or counted as dropped
+            st = stats(lab.sock)["urls"][receiver.url]
+            if st["dropped"] + st["delivered"] >= len(total) and not st["queued"]:
+                break
+            assert time.monotonic() < deadline, st
             time.sleep(0.1)
+        assert {e["seq"] for e in ring(lab.sock)} == total  # no event came after
         got = [e["seq"] for e in receiver.events(ok_only=True)]
         st = stats(lab.sock)["urls"][receiver.url]
         assert len(got) == len(set(got))  # no retries after a timeout, so no duplicates

@@ -300,6 +300,14 @@ class StateEvents:
         self, path: Path, kind: str, old: PathState, new: PathState, result: ProbeResult
     ) -> None:
         """A path changed state for ``kind``: its event, then its node's if that changed."""
+        try:
+            self._path_changed(path, kind, old, new, result)
+        except Exception as exc:  # called from the scheduler: never take a probe task down
+            logger.opt(exception=exc).error("events: recording a path change failed: {}", exc)
+
+    def _path_changed(
+        self, path: Path, kind: str, old: PathState, new: PathState, result: ProbeResult
+    ) -> None:
         node = self._known.get(path.node_id)
         cluster, _, name = path.node_id.partition("/")
         if result.ok:

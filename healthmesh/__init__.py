@@ -24,6 +24,7 @@ from healthmesh.core.config import (
     Settings,
     parse_nodes,
 )
+from healthmesh.core.events import Event, EventLog, Gap
 from healthmesh.core.hookspecs import hookimpl
 from healthmesh.core.model import Node, Path, PathState, ProbeResult, Role, Snapshot
 from healthmesh.core.render import header_line, summary_table
@@ -42,6 +43,9 @@ __all__ = [
     "ComponentSettings",
     "ConfigError",
     "Duration",
+    "Event",
+    "EventLog",
+    "Gap",
     "IPAddress",
     "Name",
     "Node",

@@ -26,6 +26,7 @@ from healthmesh.core.components import (
 from healthmesh.core.config import Config
 from healthmesh.core.health import ComponentHealth
 from healthmesh.core.isolation import ENTER_DEADLINE, IsolatedProbe, LoopWatchdog
+from healthmesh.core.events import EventLog, StateEvents, feed_output
 from healthmesh.core.membership import Membership
 from healthmesh.core.model import Node, Snapshot
 from healthmesh.core.plugins import PluginRegistry
@@ -98,6 +99,15 @@ class Agent:
         #: (so that outputs are still closed after it).
         self._scope: anyio.CancelScope | None = None
         self._build(console)
+        ev = config.core.events
+        self.events = EventLog(self.local_node.id, ring=ev.ring, buffer=ev.buffer)
+        self._transitions = StateEvents(
+            self.events,
+            self.membership.nodes,
+            lambda node: self.membership.paths_of(node, host=p.host, endpoint=p.endpoint),
+            self.store,
+            lambda: self.probes,
+        )
         self.scheduler = Scheduler(
             p,
             self.probes,
@@ -105,6 +115,7 @@ class Agent:
             seed=self.local_node.id,
             on_round=self._round_completed,
             on_change=self._state_changed,
+            on_transition=self._transitions.path_changed,
         )
         self.checks = CheckRunner(
             build_entries(config.checks, registry.check_kinds, self, p.window),
@@ -178,6 +189,9 @@ class Agent:
         components = getattr(self, "components", None)
         if callable(components):
             extra.setdefault("components", components())
+        stats = {o.name: st for o in self.outputs if (st := o.stats()) is not None}
+        if stats:
+            extra["outputs"] = stats
         return build_snapshot(
             self.membership,
             self.store,
@@ -233,6 +247,7 @@ class Agent:
             for path in self.membership.paths_of(node, host=p.host, endpoint=p.endpoint)
         ]
         self.scheduler.set_paths(paths)
+        self._transitions.membership_changed()
         # Live outputs (the API) show added and removed nodes now, not at the end of a round.
         self._state_changed()
 
@@ -327,6 +342,11 @@ class Agent:
                     tg.start_soon(self._publish_changes)
                     # Checks run in their own tasks: started, never waited for.
                     await tg.start(self.checks.run)
+                    for out in self.outputs:
+                        if type(out).events is not Output.events:  # only outputs that want them
+                            tg.start_soon(functools.partial(
+                                feed_output, self.events, out, timeout=self.config.probing.interval
+                            ))
                 for src in self.sources:
                     feed = self.membership.feed(src.name)
                     await tg.start(self._start_source, src, feed)

@@ -156,6 +156,16 @@ class PluginSettings(Settings):
     disable: list[str] = msgspec.field(default_factory=list)
 
 
+class EventSettings(Settings):
+    """``[events]``: the ring of state-change events kept for replay, and follower buffers."""
+
+    #: Events kept in memory for ``/v1/events?since=`` replay.
+    ring: int = 10_000
+    #: Events a follower (an API stream, an output) may fall behind before it is cut from
+    #: the live feed and has to catch up from the ring.
+    buffer: int = 1_000
+
+
 class CoreSettings(Settings):
     """The sections the core itself owns."""
 
@@ -163,9 +173,10 @@ class CoreSettings(Settings):
     probing: ProbingSettings = msgspec.field(default_factory=ProbingSettings)
     log: LogSettings = msgspec.field(default_factory=LogSettings)
     plugins: PluginSettings = msgspec.field(default_factory=PluginSettings)
+    events: EventSettings = msgspec.field(default_factory=EventSettings)
 
 
-CORE_SECTIONS = ("node", "probing", "log", "plugins")
+CORE_SECTIONS = ("node", "probing", "log", "plugins", "events")
 CONTAINER_SECTIONS = ("probes", "sources", "outputs")
 LOG_LEVELS = ("TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL")
 
@@ -268,6 +279,10 @@ def _check_core(raw: RawConfig) -> None:
         (not 0 <= p.tick <= 1.0, "probing.tick: must be between 0s and 1s"),
         (p.max_rate <= 0, "probing.max_rate: must be greater than zero"),
         (not 2 <= p.window <= 100_000, "probing.window: must be between 2 and 100000"),
+        (not 10 <= raw.core.events.ring <= 1_000_000,
+         "events.ring: must be between 10 and 1000000"),
+        (not 10 <= raw.core.events.buffer <= 100_000,
+         "events.buffer: must be between 10 and 100000"),
         (not n.addresses, "node.addresses: at least one address of this node is required"),
         (len(set(n.addresses)) != len(n.addresses), "node.addresses: duplicate address"),
         (

@@ -78,6 +78,8 @@ class Scheduler:
         seed: str = "",
         on_round: Callable[[RoundInfo], Awaitable[None]] | None = None,
         on_change: Callable[[], None] | None = None,
+        on_transition: Callable[[Path, str, PathState, PathState, ProbeResult], None]
+        | None = None,
     ) -> None:
         self.probing = probing
         self.probes = probes
@@ -87,6 +89,8 @@ class Scheduler:
         #: Called (synchronously) whenever a path changes state, so reports need not wait
         #: for the end of the round.
         self.on_change = on_change
+        #: Called (synchronously) with (path, kind, old, new, result) for every change.
+        self.on_transition = on_transition
         self.slots: dict[SlotKey, Slot] = {}
         self.rounds: list[RoundInfo] = []
         self.completed_rounds = 0
@@ -330,6 +334,8 @@ class Scheduler:
                 st.state.value,
                 "" if result.ok else f": {result.error}",
             )
+            if self.on_transition is not None:
+                self.on_transition(p, slot.kind, old, st.state, result)
             if self.on_change is not None:
                 self.on_change()
         return st

@@ -24,9 +24,9 @@ from healthmesh.core.components import (
     Service,
 )
 from healthmesh.core.config import Config
+from healthmesh.core.events import EventLog, StateEvents, feed_output
 from healthmesh.core.health import ComponentHealth
 from healthmesh.core.isolation import ENTER_DEADLINE, IsolatedProbe, LoopWatchdog
-from healthmesh.core.events import EventLog, StateEvents, feed_output
 from healthmesh.core.membership import Membership
 from healthmesh.core.model import Node, Snapshot
 from healthmesh.core.plugins import PluginRegistry

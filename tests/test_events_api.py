@@ -109,6 +109,20 @@ def test_startup_events_follow_membership_and_first_results(lab: Lab) -> None:
     assert gone["cluster"] == "c2" and "refused" in gone["reason"]
 
 
+def test_component_states_are_events_too(lab: Lab) -> None:
+    events = wait_ring(
+        lab.sock, lambda e: e["type"] == "component" and e.get("component") == "responder"
+    )
+    validator = event_validator()
+    comps = [e for e in events if e["type"] == "component"]
+    for ev in comps:
+        validator.validate(ev)
+    responder = next(e for e in comps if e["component"] == "responder")
+    assert (responder["from"], responder["to"]) == ("absent", "ok")
+    assert (responder["node"], responder["path"], responder["kind"]) == ("me", None, None)
+    assert "outputs.api" in {e["component"] for e in comps}
+
+
 def test_a_peer_going_down_and_up_streams_path_and_node_events(lab: Lab) -> None:
     reader = StreamReader(lab.sock, "/v1/events")  # live only
     try:

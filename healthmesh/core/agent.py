@@ -91,7 +91,9 @@ class Agent:
         self.outputs: list[Output] = []
         self.services: list[Service] = []
         self.console: Output | None = None
-        self.health = ComponentHealth()
+        ev = config.core.events
+        self.events = EventLog(self.local_node.id, ring=ev.ring, buffer=ev.buffer)
+        self.health = ComponentHealth(on_change=self._component_changed)
         self.watchdog = LoopWatchdog()
         self._exit_code = 0
         self._stopping = False
@@ -99,8 +101,6 @@ class Agent:
         #: (so that outputs are still closed after it).
         self._scope: anyio.CancelScope | None = None
         self._build(console)
-        ev = config.core.events
-        self.events = EventLog(self.local_node.id, ring=ev.ring, buffer=ev.buffer)
         self._transitions = StateEvents(
             self.events,
             self.membership.nodes,
@@ -164,6 +164,14 @@ class Agent:
             self.console = reg.cls(settings, self)
             self.console.to_console = True
             self.outputs.append(self.console)
+
+    def _component_changed(self, name: str, old: str, new: str, message: str) -> None:
+        """A component's state changed: a ``component`` event (docs/events.md)."""
+        n = self.local_node
+        self.events.emit(
+            "component", node=n.name, cluster=n.cluster, from_=old, to=new,
+            reason=message or ("started" if old == "absent" else new), component=name,
+        )
 
     # -- AgentContext -------------------------------------------------------------------
 

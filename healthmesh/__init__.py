@@ -15,10 +15,13 @@ from healthmesh.core.components import (
 )
 from healthmesh.core.config import (
     ConfigError,
+    ConfigPath,
     Duration,
     IPAddress,
     Name,
     Settings,
+    check_against_local,
+    config_relative,
     parse_nodes,
 )
 from healthmesh.core.hookspecs import hookimpl
@@ -35,6 +38,7 @@ __all__ = [
     "AgentContext",
     "ComponentSettings",
     "ConfigError",
+    "ConfigPath",
     "Duration",
     "IPAddress",
     "Name",
@@ -52,6 +56,8 @@ __all__ = [
     "Snapshot",
     "SourceFeed",
     "__version__",
+    "check_against_local",
+    "config_relative",
     "format_duration",
     "header_line",
     "hookimpl",

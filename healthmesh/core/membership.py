@@ -50,6 +50,7 @@ class Membership:
     _merged: dict[str, Node] = field(default_factory=dict)
     _origin: dict[str, str] = field(default_factory=dict)
     _paths: dict[tuple[Node, bool, bool], list[Path]] = field(default_factory=dict)
+    _conflicts: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         self._merged = {self.local.id: self.local}
@@ -89,18 +90,48 @@ class Membership:
         st.stale, st.reason = False, None
 
     def _merge(self) -> None:
-        merged: dict[str, Node] = {self.local.id: self.local}
-        origin: dict[str, str] = {self.local.id: "local"}
+        """Merge every source's nodes; drop (with a warning) peers that would probe a wrong
+        target: this node under its own name, or an address already taken by this node or
+        by a node merged earlier. Sources are read at run time, so this never raises."""
+        local = self.local
+        merged: dict[str, Node] = {local.id: local}
+        origin: dict[str, str] = {local.id: "local"}
+        taken = {a: local.id for a in (*local.addresses, *local.health_addresses)}
+        conflicts: list[str] = []
         for source, table in self._by_source.items():
             for node_id, node in table.items():
+                if node_id == local.id:
+                    # A source that lists every node (etcd) lists this one too: fine as long
+                    # as it is really this node.
+                    if set(node.addresses) != set(local.addresses):
+                        conflicts.append(
+                            f"source {source}: node {node_id} has this node's name but "
+                            f"addresses {', '.join(node.addresses)}; ignored"
+                        )
+                    continue
                 if node_id in merged:
                     if origin[node_id] != source and self._origin.get(node_id) != origin[node_id]:
                         logger.debug(
                             "node {} from {} shadowed by {}", node_id, source, origin[node_id]
                         )
                     continue
+                addresses = (*node.addresses, *node.health_addresses)
+                clash = next((a for a in addresses if a in taken), None)
+                if clash is not None:
+                    owner = taken[clash]
+                    whose = "this node" if owner == local.id else f"node {owner}"
+                    conflicts.append(
+                        f"source {source}: node {node_id} lists {clash}, an address of "
+                        f"{whose}; ignored"
+                    )
+                    continue
                 merged[node_id] = node
                 origin[node_id] = source
+                taken.update(dict.fromkeys(addresses, node_id))
+        for message in conflicts:
+            if message not in self._conflicts:  # once per conflict, not once per merge
+                logger.warning("{}", message)
+        self._conflicts = set(conflicts)
         changed = merged != self._merged or any(
             merged[k].labels != self._merged[k].labels for k in merged if k in self._merged
         )

@@ -340,6 +340,8 @@ nodes = [{{name = "slow", addresses = ["127.0.0.2"]}},
         proc.kill()
         proc.wait(10)
         reader.join(5)
+    print(f"slots {slots}, max in flight {max(s['inflight'] for s in samples)}, "
+          f"skipped {samples[-1]['skipped']}, RSS growth {growth:.1f} MB, SIGTERM {took:.2f}s")
     assert code == 0, "".join(other)[-2000:]
     assert took < 5
     assert not any("Traceback" in line for line in other), "".join(other)[-3000:]

@@ -349,11 +349,12 @@ def _check_core(raw: RawConfig) -> None:
         (not p.interval >= MIN_INTERVAL, "probing.interval: must be at least 100ms"),
         (not p.timeout >= MIN_TIMEOUT, "probing.timeout: must be at least 1ms"),
         (p.timeout > p.interval, "probing.timeout: must not exceed probing.interval"),
+        # Before failure_threshold, whose default derives from it.
+        (not 0 <= p.confirm_probes <= 100, "probing.confirm_probes: must be between 0 and 100"),
         (
             not 1 <= p.failure_threshold <= MAX_FAILURE_THRESHOLD,
             f"probing.failure_threshold: must be between 1 and {MAX_FAILURE_THRESHOLD}",
         ),
-        (not 0 <= p.confirm_probes <= 100, "probing.confirm_probes: must be between 0 and 100"),
         (
             not 0 <= p.confirm_spacing <= p.interval,
             "probing.confirm_spacing: must be between 0s and probing.interval",

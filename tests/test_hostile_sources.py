@@ -156,3 +156,27 @@ def test_a_huge_node_file_does_not_stall_the_responder(tmp_path: Path) -> None:
         assert _names(doc) == ["p1", "p2"]
         assert "limit" in doc["sources"]["file"]["reason"]
         assert "Traceback" not in agent.stderr()
+
+
+def test_a_node_file_naming_this_node_or_a_taken_address_is_warned_about(
+    tmp_path: Path,
+) -> None:
+    agent, _, peers, _ = _agent(tmp_path)
+    with agent:
+        # At run time a source never stops the agent: the peer with this node's name is
+        # dropped and one at this node's address is kept, each named in one warning. (Two
+        # nodes of one file at one address make the file invalid: the last good list stays.)
+        peers.write_text(json.dumps([
+            {"name": "p2", "addresses": ["127.0.0.2"]},
+            {"name": "p1", "addresses": ["127.0.0.9"]},
+            {"name": "p4", "addresses": ["127.0.0.4"], "health_addresses": ["127.0.0.1"]},
+        ]))
+        agent.wait_for(lambda d: _names(d) == ["p1", "p2", "p4"])
+        time.sleep(0.5)  # a few more polls: each warning is logged once, not once per poll
+        warnings = [line for line in agent.stderr().splitlines() if "WARNING" in line]
+        own = [w for w in warnings if "source file" in w and "p1" in w and "this node's name"
+               in w]
+        taken = [w for w in warnings if "source file" in w and "p4" in w and "127.0.0.1" in w
+                 and "this node" in w]
+        assert len(own) == 1 and len(taken) == 1, warnings
+        assert agent.proc.poll() is None

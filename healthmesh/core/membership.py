@@ -90,9 +90,13 @@ class Membership:
         st.stale, st.reason = False, None
 
     def _merge(self) -> None:
-        """Merge every source's nodes; drop (with a warning) peers that would probe a wrong
-        target: this node under its own name, or an address already taken by this node or
-        by a node merged earlier. Sources are read at run time, so this never raises."""
+        """Merge every source's nodes, warning (once) about peers that look wrong.
+
+        A node with this node's name is dropped (it cannot be shown beside this node); a
+        peer listing an address of this node or of a node merged earlier is kept (it is
+        probed as listed) but named in a warning. Sources are read at run time, so this
+        never raises: static configs get these checks as errors instead (config.py).
+        """
         local = self.local
         merged: dict[str, Node] = {local.id: local}
         origin: dict[str, str] = {local.id: "local"}
@@ -115,19 +119,16 @@ class Membership:
                             "node {} from {} shadowed by {}", node_id, source, origin[node_id]
                         )
                     continue
-                addresses = (*node.addresses, *node.health_addresses)
-                clash = next((a for a in addresses if a in taken), None)
-                if clash is not None:
-                    owner = taken[clash]
-                    whose = "this node" if owner == local.id else f"node {owner}"
-                    conflicts.append(
-                        f"source {source}: node {node_id} lists {clash}, an address of "
-                        f"{whose}; ignored"
-                    )
-                    continue
+                for address in (*node.addresses, *node.health_addresses):
+                    owner = taken.setdefault(address, node_id)
+                    if owner != node_id:
+                        whose = "this node" if owner == local.id else f"node {owner}"
+                        conflicts.append(
+                            f"source {source}: node {node_id} lists {address}, also an address "
+                            f"of {whose}"
+                        )
                 merged[node_id] = node
                 origin[node_id] = source
-                taken.update(dict.fromkeys(addresses, node_id))
         for message in conflicts:
             if message not in self._conflicts:  # once per conflict, not once per merge
                 logger.warning("{}", message)

@@ -174,9 +174,32 @@ def test_the_bounds_themselves_are_accepted(tmp_path: Path) -> None:
     cfg = tmp_path / "c.toml"
     cfg.write_text(VALID.replace('"2s"', '"100ms"').replace('"500ms"', '"1ms"')
                    + '\n[sources.file]\npath = "peers.json"\npoll = "24h"\n')
-    (tmp_path / "peers.json").write_text('[{"name": "n3", "addresses": ["127.0.0.3"]}]')
+    # A node file shared by every agent lists this node too, with its own addresses: fine.
+    (tmp_path / "peers.json").write_text('[{"name": "n1", "addresses": ["127.0.0.1"]},'
+                                         ' {"name": "n3", "addresses": ["127.0.0.3"]}]')
     proc = run_cli("config", "check", "-c", str(cfg), timeout=20)
     assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c[:-1]))
+@pytest.mark.parametrize("what", ["fifo", "this node's name", "this node's address"])
+def test_a_node_file_that_cannot_work_at_start_up_is_one_line_and_exit_2(
+    tmp_path: Path, command: tuple[str, ...], what: str
+) -> None:
+    peers = tmp_path / "peers.json"
+    if what == "fifo":
+        os.mkfifo(peers)  # read on start-up, it used to hang every command
+        needles = ["sources.file", str(peers), "not a regular file"]
+    elif what == "this node's name":
+        peers.write_text('[{"name": "n1", "addresses": ["127.0.0.9"]}]')
+        needles = ["sources.file.path", "nodes[0].name", "own name"]
+    else:
+        peers.write_text('[{"name": "n9", "addresses": ["127.0.0.9", "127.0.0.1"]}]')
+        needles = ["sources.file.path", "nodes[0].addresses[1]", "127.0.0.1"]
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(VALID.split("[sources.static]")[0] + '[sources.file]\npath = "peers.json"\n')
+    proc = run_cli(*command, str(cfg), timeout=20)
+    _one_line_error(proc, str(cfg), *needles)
 
 
 # --- relative paths resolve against the config file ------------------------------------------

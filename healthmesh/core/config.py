@@ -436,16 +436,21 @@ def parse_nodes(data: Any, where: str) -> list[Any]:
     return nodes
 
 
-def check_against_local(nodes: list[Any], local: NodeSettings, where: str) -> None:
+def check_against_local(
+    nodes: list[Any], local: NodeSettings, where: str, *, allow_self: bool = False
+) -> None:
     """Refuse peers that are this node in disguise: its name, or one of its addresses.
 
     For node lists of the config itself (``sources.static``, a file source at start-up);
-    ``where[i]`` indexes ``nodes``. Sources read at run time drop such peers with a warning
-    instead (core/membership.py).
+    ``where[i]`` indexes ``nodes``. With ``allow_self``, an entry that is exactly this node
+    (its name and its addresses: a node list shared by every agent) is accepted. Sources
+    read at run time warn instead (core/membership.py).
     """
     own = {str(a) for a in (*local.addresses, *local.health_addresses)}
     for i, node in enumerate(nodes):
         if node.name == local.name and node.cluster == local.cluster:
+            if allow_self and set(node.addresses) == {str(a) for a in local.addresses}:
+                continue
             raise ConfigError(
                 f"{where}[{i}].name: {node.name!r} is this node's own name ([node] name); "
                 "a node does not list itself as a peer"

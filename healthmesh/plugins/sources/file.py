@@ -66,7 +66,8 @@ class FileSource(PeerSource):
         # A broken file at start-up is a config error, and so is a peer that is this node.
         nodes = load_node_file(settings.path, settings.max_bytes)
         try:
-            check_against_local(nodes, config.core.node, "nodes")
+            # A list shared by every agent names this node too: fine if it really is it.
+            check_against_local(nodes, config.core.node, "nodes", allow_self=True)
         except ConfigError as exc:
             raise ConfigError(f"path: {settings.path}: {exc}") from None
 

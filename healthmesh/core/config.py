@@ -65,11 +65,12 @@ _BASE_DIR: contextvars.ContextVar[str | None] = contextvars.ContextVar("base_dir
 
 
 def config_relative(path: str | os.PathLike[str], config_path: str | os.PathLike[str]) -> str:
-    """``path`` made absolute against the directory of the config file ``config_path``."""
-    p = FsPath(path)
-    if not p.is_absolute():
-        p = FsPath(config_path).resolve().parent / p
-    return str(p)
+    """``path`` made absolute against the directory of the config file ``config_path``
+    (the directory of the file a symlinked config points to), as ``ConfigPath`` fields are."""
+    text = os.fspath(path)
+    if os.path.isabs(text):
+        return text
+    return os.path.normpath(os.path.join(FsPath(config_path).resolve().parent, text))
 
 
 def _dec_hook(typ: type, value: Any) -> Any:
@@ -87,7 +88,7 @@ def _dec_hook(typ: type, value: Any) -> Any:
             raise ValueError("must be a non-empty path without NUL")
         base = _BASE_DIR.get()
         if base is not None and not os.path.isabs(value):
-            value = os.path.join(base, value)
+            value = os.path.normpath(os.path.join(base, value))
         return ConfigPath(value)
     if typ is IPAddress:
         if not isinstance(value, str):

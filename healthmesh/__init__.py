@@ -18,10 +18,13 @@ from healthmesh.core.components import (
 )
 from healthmesh.core.config import (
     ConfigError,
+    ConfigPath,
     Duration,
     IPAddress,
     Name,
     Settings,
+    check_against_local,
+    config_relative,
     parse_nodes,
 )
 from healthmesh.core.events import Event, EventLog, Gap
@@ -42,6 +45,7 @@ __all__ = [
     "CheckUnavailable",
     "ComponentSettings",
     "ConfigError",
+    "ConfigPath",
     "Duration",
     "Event",
     "EventLog",
@@ -62,6 +66,8 @@ __all__ = [
     "Snapshot",
     "SourceFeed",
     "__version__",
+    "check_against_local",
+    "config_relative",
     "format_duration",
     "header_line",
     "hookimpl",

@@ -25,6 +25,7 @@ from healthmesh.core.hookspecs import hookimpl
 from healthmesh.core.model import Node, Path, PathState, ProbeResult, Role, Snapshot
 from healthmesh.core.render import header_line, summary_table
 from healthmesh.core.state import rfc3339
+from healthmesh.core.telemetry import Histogram, Telemetry
 from healthmesh.core.timestamps import SO_TIMESTAMPNS, kernel_receive_ns
 from healthmesh.core.units import format_duration, parse_duration
 
@@ -36,6 +37,7 @@ __all__ = [
     "ComponentSettings",
     "ConfigError",
     "Duration",
+    "Histogram",
     "IPAddress",
     "Name",
     "Node",
@@ -51,6 +53,7 @@ __all__ = [
     "Settings",
     "Snapshot",
     "SourceFeed",
+    "Telemetry",
     "__version__",
     "format_duration",
     "header_line",

@@ -13,6 +13,7 @@ from healthmesh.core.model import Node, Path, ProbeResult, Snapshot
 
 if TYPE_CHECKING:
     from healthmesh.core.config import Config
+    from healthmesh.core.telemetry import Telemetry
 
 
 class ComponentSettings(Settings):
@@ -28,6 +29,7 @@ class AgentContext(Protocol):
     local_node: Node
     started_at: float  # wall clock
     once: bool  # True under ``run --once``: one round, no long-running services
+    telemetry: Telemetry  # counters of results, state changes, lag, rounds, responses
 
     def snapshot(self) -> Snapshot:
         """The current state of every node, as a snapshot."""

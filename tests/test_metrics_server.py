@@ -74,6 +74,7 @@ def test_garbage_and_oversized_heads_get_4xx(agent) -> None:  # type: ignore[no-
 
 def test_slow_and_idle_connections_are_closed_and_capped(agent) -> None:  # type: ignore[no-untyped-def]
     proc, port = agent
+    assert proc.proc.poll() is None
     # A head that never ends is cut after header_timeout (500 ms).
     slow = socket.create_connection(("127.0.0.1", port), timeout=5)
     slow.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
@@ -97,6 +98,7 @@ def test_slow_and_idle_connections_are_closed_and_capped(agent) -> None:  # type
     assert keep.recv(12) == b"HTTP/1.1 200"
     assert closed_within(keep, 5.0)
     keep.close()
+    assert get(port)[0] == 200 and proc.proc.poll() is None
 
 
 def test_flood_of_scrapes_is_cheap_and_the_agent_keeps_probing(agent) -> None:  # type: ignore[no-untyped-def]

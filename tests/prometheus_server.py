@@ -97,9 +97,10 @@ class PrometheusServer:
         self.config = self.dir / "prometheus.yml"
         config = {
             "global": {
-                "scrape_interval": f"{interval:g}s",
-                "scrape_timeout": f"{interval * 0.8:g}s",
-                "evaluation_interval": f"{interval:g}s",
+                # Prometheus durations are whole units: milliseconds.
+                "scrape_interval": f"{round(interval * 1000)}ms",
+                "scrape_timeout": f"{round(interval * 800)}ms",
+                "evaluation_interval": f"{round(interval * 1000)}ms",
             },
             "rule_files": [str(p) for p in rule_files],
             "scrape_configs": [{"job_name": job, "static_configs": [{"targets": list(targets)}]}],

@@ -91,6 +91,8 @@ class HealthmeshCollector(Collector):
         self.cilium = cilium
         self._counts: tuple[int, SnapshotCounts] | None = None
         self._warned: tuple[float, int] = (0.0, 0)
+        #: How long the previous scrape took to render (set by the output).
+        self.render_seconds = 0.0
 
     def _snapshot_counts(self) -> SnapshotCounts:
         snap = self.snapshot()
@@ -204,6 +206,12 @@ class HealthmeshCollector(Collector):
             responses.add_metric([str(code)], count)
         yield responses
         yield from self._component_series()
+        render = GaugeMetricFamily(
+            "healthmesh_scrape_render_seconds",
+            "How long rendering the previous scrape of this endpoint took in the agent.",
+        )
+        render.add_metric([], self.render_seconds)
+        yield render
 
     def _component_series(self) -> Iterator[Any]:
         # Component states come from AgentContext.components() where the agent has it;

@@ -113,7 +113,9 @@ class MetricsOutput(Output):
         hit = self._cache.get(key)
         if hit is not None and now - hit[0] < self.settings.cache:
             return hit[1], hit[2]
+        started = time.perf_counter()
         body = encoder(self.registry)
+        self.collector.render_seconds = time.perf_counter() - started  # shown next scrape
         self._cache[key] = (now, body, ctype)
         return body, ctype
 

@@ -5,9 +5,9 @@ BIN    := $(VENV)/bin
 # Debian packages: python3-venv for the virtual environment; what the tests and benchmarks
 # drive: namespaces and firewall rules, fping and
 # ApacheBench for side-by-side benchmarks, etcd for the membership tests, openssl for the
-# certificates of the etcd TLS tests.
+# certificates of the etcd TLS tests, prometheus (with promtool) for the metrics tests.
 SYSTEM_PACKAGES := python3-venv iproute2 iptables fping apache2-utils etcd-server etcd-client \
-                   procps openssl
+                   procps openssl prometheus
 
 .PHONY: venv system-packages test lint demo bench clean
 

@@ -103,3 +103,13 @@ def test_rules_and_dashboard_reference_only_exported_metrics(tmp_path: Path) -> 
     # Every dashboard panel answers with a query, and the JSON is what Grafana imports.
     doc = json.loads(DASHBOARD.read_text())
     assert doc["uid"] == "healthmesh" and all(p.get("targets") for p in doc["panels"])
+
+
+def test_daemonset_exposes_the_metrics_port_and_configures_it() -> None:
+    text = (ROOT / "deploy" / "daemonset.yaml").read_text()
+    ds = yaml.safe_load(text)
+    pod = ds["spec"]["template"]
+    ports = {p["name"]: p for p in pod["spec"]["containers"][0]["ports"]}
+    assert ports["metrics"]["containerPort"] == ports["metrics"]["hostPort"] == 9967
+    assert pod["metadata"]["annotations"]["prometheus.io/port"] == "9967"
+    assert '#   listen = "0.0.0.0:9967"' in text and "#   [outputs.metrics]" in text

@@ -200,3 +200,22 @@ def test_bad_metrics_settings_name_the_key(tmp_path: Path) -> None:
         proc = run_cli("config", "check", "-c", str(cfg))
         assert proc.returncode == 2, (bad, proc.stdout, proc.stderr)
         assert needle in proc.stderr and "Traceback" not in proc.stderr, (bad, proc.stderr)
+
+
+def test_metrics_port_in_use_is_a_one_line_startup_error(tmp_path: Path) -> None:
+    import socket
+
+    cfg, port = metrics_config(tmp_path)
+    with socket.socket() as taken:
+        taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        taken.bind(("127.0.0.1", port))
+        taken.listen(1)
+        proc = run_cli("run", "-c", str(cfg), "--once", timeout=60)
+        # --once runs no outputs: the one round succeeds without the metrics listener.
+        assert proc.returncode in (0, 1), proc.stderr
+        with AgentProc(cfg) as agent:
+            code = agent.proc.wait(30)
+            err = agent.stderr()
+    assert code == 2, err
+    assert f"cannot listen on 127.0.0.1:{port}: address already in use" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) <= 6, err

@@ -93,6 +93,8 @@ class HealthmeshCollector(Collector):
         self._warned: tuple[float, int] = (0.0, 0)
         #: How long the previous scrape took to render (set by the output).
         self.render_seconds = 0.0
+        #: CPU time spent rendering scrapes so far (set by the output).
+        self.render_cpu_seconds = 0.0
 
     def _snapshot_counts(self) -> SnapshotCounts:
         snap = self.snapshot()
@@ -212,6 +214,12 @@ class HealthmeshCollector(Collector):
         )
         render.add_metric([], self.render_seconds)
         yield render
+        render_cpu = CounterMetricFamily(
+            "healthmesh_scrape_render_cpu_seconds",
+            "CPU time the agent spent rendering scrapes of this endpoint (previous ones).",
+        )
+        render_cpu.add_metric([], self.render_cpu_seconds)
+        yield render_cpu
 
     def _component_series(self) -> Iterator[Any]:
         # Component states come from AgentContext.components() where the agent has it;

@@ -77,8 +77,8 @@ class MetricsOutput(Output):
             try:
                 self.address = await tg.start(self.server.serve, host, port)
             except OSError as exc:
-                raise OSError(exc.errno, f"cannot listen on {self.settings.listen}: "
-                              f"{exc.strerror or exc}") from None
+                why = (exc.strerror or str(exc)).lower()
+                raise OSError(f"cannot listen on {self.settings.listen}: {why}") from None
             logger.info("metrics listening on http://{}{}", _fmt(*self.address), METRICS_PATH)
             task_status.started()
 
@@ -113,9 +113,11 @@ class MetricsOutput(Output):
         hit = self._cache.get(key)
         if hit is not None and now - hit[0] < self.settings.cache:
             return hit[1], hit[2]
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.thread_time()
         body = encoder(self.registry)
-        self.collector.render_seconds = time.perf_counter() - started  # shown next scrape
+        # Shown from the next scrape on: how long this one took, and CPU spent on all of them.
+        self.collector.render_seconds = time.perf_counter() - started
+        self.collector.render_cpu_seconds += time.thread_time() - cpu
         self._cache[key] = (now, body, ctype)
         return body, ctype
 

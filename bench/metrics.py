@@ -96,7 +96,7 @@ def scrape(port: int) -> tuple[float, int, int, float, dict[str, float]]:
     ``totals``: the agent's render CPU seconds and probe results so far, from the body.
     """
     t = time.perf_counter()
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
     try:
         conn.request("GET", "/metrics")
         resp = conn.getresponse()
@@ -189,8 +189,10 @@ def main() -> int:
                     started.add(name)
             time.sleep(0.5)
         result["first_rounds_done_s"] = round(time.monotonic() - spawned, 1)
-        # The first round runs at max_rate; the paced rounds start one interval after spawn.
-        time.sleep(max(0.0, spawned + args.interval + 2.0 - time.monotonic()))
+        # The first round runs at max_rate and its end (building and handing over the first
+        # full snapshots) is a burst; measure paced rounds, from one interval after spawn.
+        settle = max(spawned + args.interval + 2.0, time.monotonic() + 15.0)
+        time.sleep(max(0.0, settle - time.monotonic()))
         for w in range(args.windows):
             order = ["off", "on"] if w % 2 == 0 else ["on", "off"]
             before = {n: cpu(procs[n]) for n in order}

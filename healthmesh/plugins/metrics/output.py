@@ -7,7 +7,7 @@ import time
 from typing import Any, ClassVar
 
 import anyio
-from anyio.abc import TaskStatus
+from anyio.abc import SocketAttribute, TaskStatus
 from loguru import logger
 from prometheus_client import (
     GC_COLLECTOR,
@@ -73,14 +73,16 @@ class MetricsOutput(Output):
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Bind ``listen`` (OSError naming it), report ready, serve until cancelled."""
         host, port = MetricsSettings.validate(self.settings)
-        async with anyio.create_task_group() as tg:
-            try:
-                self.address = await tg.start(self.server.serve, host, port)
-            except OSError as exc:
-                why = (exc.strerror or str(exc)).lower()
-                raise OSError(f"cannot listen on {self.settings.listen}: {why}") from None
-            logger.info("metrics listening on http://{}{}", _fmt(*self.address), METRICS_PATH)
-            task_status.started()
+        try:
+            listener = await self.server.bind(host, port)
+        except OSError as exc:
+            why = (exc.strerror or str(exc)).lower()
+            raise OSError(f"cannot listen on {self.settings.listen}: {why}") from None
+        addr = listener.extra(SocketAttribute.local_address)
+        self.address = (str(addr[0]), int(addr[1]))
+        logger.info("metrics listening on http://{}{}", _fmt(*self.address), METRICS_PATH)
+        task_status.started()
+        await self.server.serve(listener)
 
     async def round_completed(self, snapshot: Snapshot) -> None:
         self.latest = snapshot

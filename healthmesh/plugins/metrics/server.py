@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import anyio
 import h11
-from anyio.abc import SocketStream, TaskStatus
+from anyio.abc import Listener, SocketStream
 from loguru import logger
 
 MAX_HEAD = 8 * 1024
@@ -66,15 +66,15 @@ class MetricsServer:
         self.counters = Counters()
         self._open: dict[anyio.CancelScope, None] = {}  # insertion order is age
 
-    async def serve(
-        self, host: str, port: int, *, task_status: TaskStatus[tuple[str, int]]
-    ) -> None:
-        listener = await anyio.create_tcp_listener(local_host=host, local_port=port, backlog=64)
-        async with listener:
-            addr = listener.extra(anyio.abc.SocketAttribute.local_address)
-            task_status.started((addr[0], addr[1]))
-            async with anyio.create_task_group() as tg:
-                await listener.serve(self._connection, task_group=tg)
+    @staticmethod
+    async def bind(host: str, port: int) -> Listener[SocketStream]:
+        """The listening socket (OSError when the address cannot be bound)."""
+        return await anyio.create_tcp_listener(local_host=host, local_port=port, backlog=64)
+
+    async def serve(self, listener: Listener[SocketStream]) -> None:
+        """Serve connections from ``listener`` until cancelled; closes it at the end."""
+        async with listener, anyio.create_task_group() as tg:
+            await listener.serve(self._connection, task_group=tg)
 
     async def _connection(self, stream: SocketStream) -> None:
         self.counters.accepted += 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from healthmesh import PathState, ProbeResult
@@ -219,3 +220,34 @@ def test_metrics_port_in_use_is_a_one_line_startup_error(tmp_path: Path) -> None
     assert code == 2, err
     assert f"cannot listen on 127.0.0.1:{port}: address already in use" in err
     assert "Traceback" not in err and len(err.strip().splitlines()) <= 6, err
+
+
+def test_basic_auth_when_configured(tmp_path: Path) -> None:
+    import base64
+
+    secret = tmp_path / "password"
+    secret.write_text("s3cret pass\n")
+    cfg, port = metrics_config(
+        tmp_path,
+        metrics=f'basic_auth_user = "prom"\nbasic_auth_password_file = "{secret}"',
+    )
+    good = "Basic " + base64.b64encode(b"prom:s3cret pass").decode()
+    bad = "Basic " + base64.b64encode(b"prom:wrong").decode()
+    with AgentProc(cfg) as agent:
+        for _ in range(100):  # until it listens: at most 20 s
+            assert agent.proc.poll() is None, agent.stderr()
+            try:
+                get(port)
+                break
+            except OSError:
+                time.sleep(0.2)
+        status, headers, _ = get(port)
+        assert status == 401 and headers["www-authenticate"].startswith("Basic")
+        assert get(port, headers={"Authorization": bad})[0] == 401
+        assert get(port, "/nope", headers={"Authorization": bad})[0] == 401
+        status, _, body = get(port, headers={"Authorization": good})
+        assert status == 200 and b"healthmesh_nodes" in body
+    # Half a configuration, or an unreadable file, is a config error naming the key.
+    cfg.write_text(cfg.read_text().replace(f'basic_auth_password_file = "{secret}"', ""))
+    proc = run_cli("config", "check", "-c", str(cfg))
+    assert proc.returncode == 2 and "basic_auth_password_file" in proc.stderr, proc.stderr

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import gzip
+import hmac
 import time
 from typing import Any, ClassVar
 
@@ -20,7 +22,7 @@ from prometheus_client.exposition import choose_encoder
 from healthmesh import AgentContext, ComponentSettings, Output, Snapshot
 from healthmesh.plugins.metrics.collector import HealthmeshCollector
 from healthmesh.plugins.metrics.server import MetricsServer, Reply
-from healthmesh.plugins.metrics.settings import MetricsSettings
+from healthmesh.plugins.metrics.settings import MetricsSettings, read_password
 
 METRICS_PATH = "/metrics"
 
@@ -57,6 +59,11 @@ class MetricsOutput(Output):
             idle_timeout=settings.idle_timeout,
         )
         self._cache: dict[str, tuple[float, bytes, str]] = {}
+        self._auth: bytes | None = None
+        if settings.basic_auth_user:
+            password = read_password(settings.basic_auth_password_file)
+            secret = f"{settings.basic_auth_user}:{password}"
+            self._auth = b"Basic " + base64.b64encode(secret.encode("utf-8"))
 
     @classmethod
     def validate_settings(cls, settings: MetricsSettings, config: Any) -> None:
@@ -94,6 +101,13 @@ class MetricsOutput(Output):
 
     def handle(self, method: str, target: str, headers: dict[str, str]) -> Reply:
         """Answer one request: ``/metrics`` (query ignored), else 404."""
+        if self._auth is not None and not hmac.compare_digest(
+            headers.get("authorization", "").encode("latin-1"), self._auth
+        ):
+            return Reply(401, b"401 unauthorized\n", [
+                ("content-type", "text/plain; charset=utf-8"),
+                ("www-authenticate", 'Basic realm="healthmesh", charset="UTF-8"'),
+            ])
         path = target.split("?", 1)[0]
         if path != METRICS_PATH:
             return Reply(404, b"404 not found: try /metrics\n",

@@ -30,6 +30,10 @@ class MetricsSettings(ComponentSettings):
     idle_timeout: Duration = Duration(60.0)
     #: A rendered body is reused for this long, so a flood of scrapes cannot eat the CPU.
     cache: Duration = Duration(0.5)
+    #: HTTP basic authentication: a user name, and a file holding the password (one line).
+    #: Both empty (the default): no authentication.
+    basic_auth_user: str = ""
+    basic_auth_password_file: str = ""
 
     @classmethod
     def validate(cls, s: MetricsSettings) -> tuple[str, int]:
@@ -44,7 +48,28 @@ class MetricsSettings(ComponentSettings):
                 raise ValueError(f"{key}: must be greater than zero")
         if s.cache < 0:
             raise ValueError("cache: must not be negative")
+        if bool(s.basic_auth_user) != bool(s.basic_auth_password_file):
+            raise ValueError(
+                "basic_auth_user and basic_auth_password_file: set both, or neither"
+            )
+        if ":" in s.basic_auth_user:
+            raise ValueError("basic_auth_user: must not contain ':'")
+        if s.basic_auth_password_file:
+            read_password(s.basic_auth_password_file)
         return pair
+
+
+def read_password(path: str) -> str:
+    """The password in ``path`` (its first line); ValueError naming the key when unusable."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read(4096)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"basic_auth_password_file: cannot read {path!r}: {exc}") from None
+    password = text.splitlines()[0] if text else ""
+    if not password:
+        raise ValueError(f"basic_auth_password_file: {path!r} is empty")
+    return password
 
 
 def parse_listen(text: str) -> tuple[str, int]:

@@ -144,3 +144,41 @@ def test_flood_of_scrapes_is_cheap_and_the_agent_keeps_probing(agent) -> None:  
     # Probing went on meanwhile: new rounds completed (interval 500 ms).
     doc = proc.wait_for(lambda d: d["round"]["completed"] >= rounds_before + 2, timeout=10)
     assert doc["summary"]["reachable"] == 3
+
+
+def test_tls_with_a_handshake_bound(tmp_path: Path) -> None:
+    import ssl
+
+    from tests.etcd_fixtures import make_tls
+
+    tls = make_tls(tmp_path / "tls")
+    cfg, port = metrics_config(
+        tmp_path,
+        peers=1,
+        metrics=f'{LIMITS}\ntls_cert_file = "{tls["cert"]}"\ntls_key_file = "{tls["key"]}"',
+    )
+    ctx = ssl.create_default_context(cafile=tls["ca"])
+    with AgentProc(cfg) as proc:
+        body = b""
+        for _ in range(100):  # until it listens: at most 20 s
+            assert proc.proc.poll() is None, proc.stderr()
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=5) as raw_sock, \
+                        ctx.wrap_socket(raw_sock, server_hostname="127.0.0.1") as s:
+                    s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                    while chunk := s.recv(65536):
+                        body += chunk
+                break
+            except OSError:
+                time.sleep(0.2)
+        assert body.startswith(b"HTTP/1.1 200") and b"healthmesh_nodes" in body
+        assert "https://127.0.0.1" in proc.stderr()
+        # Plain HTTP to the TLS port, and a client that never completes the handshake: both
+        # are closed without an answer, within the head timeout (500 ms).
+        assert not raw(port, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").startswith(b"HTTP")
+        silent = socket.create_connection(("127.0.0.1", port), timeout=5)
+        started = time.monotonic()
+        assert closed_within(silent, 5.0)
+        assert time.monotonic() - started < 3.0
+        silent.close()
+        assert proc.proc.poll() is None

@@ -22,7 +22,7 @@ from prometheus_client.exposition import choose_encoder
 from healthmesh import AgentContext, ComponentSettings, Output, Snapshot
 from healthmesh.plugins.metrics.collector import HealthmeshCollector
 from healthmesh.plugins.metrics.server import MetricsServer, Reply
-from healthmesh.plugins.metrics.settings import MetricsSettings, read_password
+from healthmesh.plugins.metrics.settings import MetricsSettings, read_password, tls_context
 
 METRICS_PATH = "/metrics"
 
@@ -57,6 +57,7 @@ class MetricsOutput(Output):
             max_connections=settings.max_connections,
             header_timeout=settings.header_timeout,
             idle_timeout=settings.idle_timeout,
+            ssl_context=tls_context(settings),
         )
         self._cache: dict[str, tuple[float, bytes, str]] = {}
         self._auth: bytes | None = None
@@ -87,7 +88,8 @@ class MetricsOutput(Output):
             raise OSError(f"cannot listen on {self.settings.listen}: {why}") from None
         addr = listener.extra(SocketAttribute.local_address)
         self.address = (str(addr[0]), int(addr[1]))
-        logger.info("metrics listening on http://{}{}", _fmt(*self.address), METRICS_PATH)
+        scheme = "https" if self.settings.tls_cert_file else "http"
+        logger.info("metrics listening on {}://{}{}", scheme, _fmt(*self.address), METRICS_PATH)
         task_status.started()
         await self.server.serve(listener)
 

@@ -1,19 +1,22 @@
 """A small bounded HTTP/1.1 server (h11 on anyio) for ``GET /metrics``.
 
 It is a listener on the network, so everything is bounded: open connections (the oldest is
-closed to make room), the request head (8 KiB), the time to send a head and to read the
-answer, the idle time between kept-alive requests; a request body is never read.
+closed to make room), the request head (8 KiB), the time to complete a TLS handshake, to send
+a head and to read the answer, the idle time between kept-alive requests; a request body is
+never read.
 """
 
 from __future__ import annotations
 
 import itertools
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import anyio
 import h11
-from anyio.abc import Listener, SocketStream
+from anyio.abc import AnyByteStream, Listener, SocketStream
+from anyio.streams.tls import TLSStream
 from loguru import logger
 
 MAX_HEAD = 8 * 1024
@@ -58,8 +61,10 @@ class MetricsServer:
         max_connections: int,
         header_timeout: float,
         idle_timeout: float,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.handler = handler
+        self.ssl_context = ssl_context
         self.max_connections = max_connections
         self.header_timeout = header_timeout
         self.idle_timeout = idle_timeout
@@ -86,9 +91,19 @@ class MetricsServer:
                 self._open.pop(old, None)
         scope = anyio.CancelScope()
         self._open[scope] = None
+        conn: AnyByteStream = stream
         try:
             with scope:
-                await self._serve(stream)
+                if self.ssl_context is not None:
+                    # The handshake counts against the head timeout and the connection cap.
+                    with anyio.move_on_after(self.header_timeout):
+                        conn = await TLSStream.wrap(
+                            stream, server_side=True, ssl_context=self.ssl_context,
+                            standard_compatible=False,
+                        )
+                    if conn is stream:
+                        raise _Timeout
+                await self._serve(conn)
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
             pass
         except _Timeout:
@@ -98,9 +113,10 @@ class MetricsServer:
         finally:
             self._open.pop(scope, None)
             with anyio.CancelScope(shield=True), anyio.move_on_after(1.0):
-                await stream.aclose()
+                await conn.aclose()
+            await anyio.aclose_forcefully(stream)
 
-    async def _receive(self, stream: SocketStream, deadline: float) -> bytes:
+    async def _receive(self, stream: AnyByteStream, deadline: float) -> bytes:
         with anyio.move_on_after(max(0.0, deadline - anyio.current_time())):
             try:
                 return await stream.receive(RECV_SIZE)
@@ -108,13 +124,13 @@ class MetricsServer:
                 return b""
         raise _Timeout
 
-    async def _send(self, stream: SocketStream, data: bytes) -> None:
+    async def _send(self, stream: AnyByteStream, data: bytes) -> None:
         with anyio.move_on_after(self.header_timeout):
             await stream.send(data)
             return
         raise _Timeout
 
-    async def _serve(self, stream: SocketStream) -> None:
+    async def _serve(self, stream: AnyByteStream) -> None:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
         deadline = anyio.current_time() + self.idle_timeout
         started = False  # bytes of the next request arrived: the head timeout runs
@@ -155,7 +171,7 @@ class MetricsServer:
             deadline = anyio.current_time() + self.idle_timeout
             started = False
 
-    async def _no_body(self, stream: SocketStream, conn: h11.Connection, deadline: float) -> bool:
+    async def _no_body(self, stream: AnyByteStream, conn: h11.Connection, deadline: float) -> bool:
         """Read up to the end of the request; False when it has a body."""
         while True:
             event = conn.next_event()
@@ -165,7 +181,7 @@ class MetricsServer:
             return isinstance(event, h11.EndOfMessage)
 
     async def _reply(
-        self, stream: SocketStream, conn: h11.Connection, reply: Reply, *, head: bool
+        self, stream: AnyByteStream, conn: h11.Connection, reply: Reply, *, head: bool
     ) -> None:
         headers = [*reply.headers, ("content-length", str(len(reply.body)))]
         if reply.status >= 400 and reply.status != 404:
@@ -177,7 +193,7 @@ class MetricsServer:
         await self._send(stream, out)
 
     async def _reply_error(
-        self, stream: SocketStream, conn: h11.Connection, status: int, why: str
+        self, stream: AnyByteStream, conn: h11.Connection, status: int, why: str
     ) -> None:
         if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
             return

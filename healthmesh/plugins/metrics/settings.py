@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import ssl
 
 from healthmesh import ComponentSettings, Duration
 
@@ -34,6 +35,9 @@ class MetricsSettings(ComponentSettings):
     #: Both empty (the default): no authentication.
     basic_auth_user: str = ""
     basic_auth_password_file: str = ""
+    #: TLS: a PEM certificate (chain) file and its key file. Both empty: plain HTTP.
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
 
     @classmethod
     def validate(cls, s: MetricsSettings) -> tuple[str, int]:
@@ -56,7 +60,27 @@ class MetricsSettings(ComponentSettings):
             raise ValueError("basic_auth_user: must not contain ':'")
         if s.basic_auth_password_file:
             read_password(s.basic_auth_password_file)
+        if bool(s.tls_cert_file) != bool(s.tls_key_file):
+            raise ValueError("tls_cert_file and tls_key_file: set both, or neither")
+        if s.tls_cert_file:
+            tls_context(s)
         return pair
+
+
+def tls_context(s: MetricsSettings) -> ssl.SSLContext | None:
+    """The server's TLS context (None without TLS); ValueError naming the key when unusable."""
+    if not s.tls_cert_file:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(s.tls_cert_file, s.tls_key_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise ValueError(
+            f"tls_cert_file/tls_key_file: cannot load {s.tls_cert_file!r} and "
+            f"{s.tls_key_file!r}: {exc}"
+        ) from None
+    return ctx
 
 
 def read_password(path: str) -> str:

@@ -193,6 +193,8 @@ def test_bad_metrics_settings_name_the_key(tmp_path: Path) -> None:
         ('listen = "127.0.0.1:99999"', "outputs.metrics.listen"),
         ("max_peers = 0", "outputs.metrics.max_peers"),
         ("colour = 1", "colour"),
+        ('tls_cert_file = "/nonexistent.pem"\ntls_key_file = "/nonexistent.key"',
+         "cannot load '/nonexistent.pem'"),
     ):
         cfg, port = metrics_config(tmp_path)
         good = f'listen = "127.0.0.1:{port}"'

@@ -32,6 +32,7 @@ from healthmesh.core.hookspecs import hookimpl
 from healthmesh.core.model import Node, Path, PathState, ProbeResult, Role, Snapshot
 from healthmesh.core.render import header_line, summary_table
 from healthmesh.core.state import rfc3339
+from healthmesh.core.telemetry import Histogram, Telemetry
 from healthmesh.core.timestamps import SO_TIMESTAMPNS, kernel_receive_ns
 from healthmesh.core.units import format_duration, parse_duration
 
@@ -50,6 +51,7 @@ __all__ = [
     "Event",
     "EventLog",
     "Gap",
+    "Histogram",
     "IPAddress",
     "Name",
     "Node",
@@ -65,6 +67,7 @@ __all__ = [
     "Settings",
     "Snapshot",
     "SourceFeed",
+    "Telemetry",
     "__version__",
     "check_against_local",
     "config_relative",

@@ -33,6 +33,7 @@ from healthmesh.core.plugins import PluginRegistry
 from healthmesh.core.scheduler import RoundInfo, Scheduler
 from healthmesh.core.snapshot import build_snapshot
 from healthmesh.core.state import StateStore
+from healthmesh.core.telemetry import Telemetry
 
 #: Bound on clean-up work at shutdown, so SIGTERM ends the agent within 2 s.
 SHUTDOWN_BOUND = 1.5
@@ -84,8 +85,10 @@ class Agent:
             labels=dict(n.labels),
         )
         p = config.probing
-        self.store = StateStore(p.failure_threshold, p.window)
+        self.telemetry = Telemetry(p.timeout)  # counters for the metrics output
+        self.store = StateStore(p.failure_threshold, p.window, self.telemetry)
         self.membership = Membership(self.local_node, on_change=self._membership_changed)
+        self.telemetry.primary_of = self.membership.is_primary
         self.probes: dict[str, Probe] = {}
         self.sources: list[PeerSource] = []
         self.outputs: list[Output] = []
@@ -261,6 +264,7 @@ class Agent:
 
     async def _round_completed(self, rnd: RoundInfo) -> None:
         self._last_round = rnd
+        self.telemetry.round_finished(rnd.duration)
         logger.debug("round {} finished in {:.3f}s", rnd.number, rnd.duration or 0.0)
         await self._hand_to_outputs("round_completed", self.snapshot())
 

@@ -14,6 +14,7 @@ from healthmesh.core.model import Node, Path, ProbeResult, Snapshot
 if TYPE_CHECKING:
     from healthmesh.core.config import Config
     from healthmesh.core.events import Event, EventLog
+    from healthmesh.core.telemetry import Telemetry
 
 
 class ComponentSettings(Settings):
@@ -30,6 +31,7 @@ class AgentContext(Protocol):
     started_at: float  # wall clock
     once: bool  # True under ``run --once``: one round, no long-running services
     events: EventLog  # state-change events: ``events.follow(after_seq)``, ``events.seq``
+    telemetry: Telemetry  # counters of results, state changes, lag, rounds, responses
 
     def snapshot(self) -> Snapshot:
         """The current state of every node, as a snapshot."""

@@ -150,6 +150,14 @@ class Membership:
             cached = self._paths[key] = node.paths(host=host, endpoint=endpoint)
         return cached
 
+    def is_primary(self, key: tuple[str, str, str]) -> bool:
+        """Whether the path ``(node id, address, role)`` is its node's first of its role."""
+        node = self._merged.get(key[0])
+        if node is None:
+            return True
+        addresses = node.addresses if key[2] == "host" else node.health_addresses
+        return bool(addresses) and addresses[0] == key[1]
+
     def nodes(self) -> list[Node]:
         """Every node, the local one first, the rest ordered by cluster and name."""
         rest = sorted(

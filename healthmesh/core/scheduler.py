@@ -257,6 +257,7 @@ class Scheduler:
         while i < n:
             due = due_slots[i][0]
             await _sleep_until(due)
+            self.store.telemetry.started_late(anyio.current_time() - due)
             horizon = max(anyio.current_time(), due) + tick
             batch: list[Slot] = []
             while i < n and due_slots[i][0] < horizon:

@@ -17,13 +17,15 @@ def metrics_config(
     *,
     peers: int = 3,
     extra_nodes: str = "",
+    extra_listen: tuple[str, ...] = (),
     metrics: str = "",
     interval: str = "500ms",
     timeout: str = "300ms",
 ) -> tuple[Path, int]:
     """A loopback agent (self on 127.0.0.1, peers on 127.0.0.2..) serving metrics; (path, port)."""
     port, mport = free_port(), free_port()
-    listen = ", ".join(f'"127.0.0.{i}:{port}"' for i in range(1, peers + 2))
+    addrs = [f"127.0.0.{i}" for i in range(1, peers + 2)] + list(extra_listen)
+    listen = ", ".join(f'"{a}:{port}"' for a in addrs)
     nodes = [f'{{name = "peer-{i}", addresses = ["127.0.0.{i + 1}"]}}' for i in range(1, peers + 1)]
     if extra_nodes:
         nodes.append(extra_nodes)

@@ -143,7 +143,8 @@ def test_per_peer_cap_warning_and_cilium_series(tmp_path: Path) -> None:
     cfg, port = metrics_config(
         tmp_path,
         peers=5,
-        extra_nodes='{name = "peer-9", addresses = ["127.0.0.2", "127.0.0.99"]}',
+        extra_nodes='{name = "peer-9", addresses = ["127.0.0.7", "127.0.0.99"]}',
+        extra_listen=("127.0.0.7",),
         metrics="per_peer = true\nmax_peers = 3\ncilium_compat = true",
         timeout="300ms",
     )

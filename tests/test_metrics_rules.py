@@ -9,6 +9,11 @@ from pathlib import Path
 
 import yaml
 
+try:
+    import tomllib
+except ImportError:  # Python 3.10
+    import tomli as tomllib
+
 from tests.agentproc import AgentProc
 from tests.conftest import ROOT, require_binary
 from tests.metrics_support import get, metrics_config, wait_metrics
@@ -112,4 +117,7 @@ def test_daemonset_exposes_the_metrics_port_and_configures_it() -> None:
     ports = {p["name"]: p for p in pod["spec"]["containers"][0]["ports"]}
     assert ports["metrics"]["containerPort"] == ports["metrics"]["hostPort"] == 9967
     assert pod["metadata"]["annotations"]["prometheus.io/port"] == "9967"
-    assert '#   listen = "0.0.0.0:9967"' in text and "#   [outputs.metrics]" in text
+    # The ConfigMap the DaemonSet mounts serves them on every node address.
+    cm = yaml.safe_load((ROOT / "deploy" / "configmap.yaml").read_text())
+    config = tomllib.loads(cm["data"]["healthmesh.toml"])
+    assert config["outputs"]["metrics"]["listen"] == "0.0.0.0:9967"

@@ -284,7 +284,7 @@ def test_bad_since_from_the_command_is_one_line_exit_2(lab: Lab) -> None:
 def test_agent_stops_promptly_with_a_stream_open(tmp_path: Path) -> None:
     port = free_port()
     nodes = tmp_path / "n.toml"
-    nodes.write_text('[[nodes]]\nname = "p"\naddresses = ["127.0.0.1"]\n')
+    nodes.write_text('[[nodes]]\nname = "p"\naddresses = ["127.0.0.2"]\n')
     sock = tmp_path / "s.sock"
     agent = AgentProcess(tmp_path, config(sock, port, nodes), socket_path=sock)
     agent.start()

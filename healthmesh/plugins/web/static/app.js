@@ -48,9 +48,21 @@ function svg(tag, attrs) {
 }
 
 async function getJSON(path) {
-  const response = await fetch(path, { cache: "no-store", credentials: "same-origin" });
-  if (!response.ok) throw new Error(`${path}: HTTP ${response.status}`);
-  return response.json();
+  // A frozen agent accepts connections and answers nothing: give up after a while.
+  const limit = Math.max(5000, 2 * (view.agent ? view.agent.poll_s * 1000 : 2000));
+  const abort = new AbortController();
+  const timer = setTimeout(() => abort.abort(), limit);
+  try {
+    const response = await fetch(path, { cache: "no-store", credentials: "same-origin",
+                                         signal: abort.signal });
+    if (!response.ok) throw new Error(`${path}: HTTP ${response.status}`);
+    return await response.json();
+  } catch (err) {
+    if (err.name === "AbortError") throw new Error(`${path}: no answer within ${limit / 1000} s`);
+    throw err;
+  } finally {
+    clearTimeout(timer);
+  }
 }
 
 // -- polling ---------------------------------------------------------------------------------

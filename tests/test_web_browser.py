@@ -1,0 +1,145 @@
+"""The web page in a real browser (Debian's chromium, headless, driven by Playwright) against
+a real agent whose peers are loopback responder processes: cells, a cut peer turning red,
+verdicts, live updates, the stale banner, the controls, and no request outside the agent."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import urllib.request
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from healthmesh.core.agent import Agent
+from tests.web_support import PEERS, chromium, web_mesh
+
+#: Red of an unreachable cell (app.css ``.cell.s-u``).
+RED = "rgb(215, 38, 61)"
+#: Where the test also copies its screenshot when set (``docs/img/web.png`` for the README).
+SCREENSHOT_ENV = "HEALTHMESH_WEB_SCREENSHOT"
+
+
+def expect(locator: Any) -> Any:
+    """Playwright's retrying assertions (they run outside the page's CSP, unlike eval)."""
+    from playwright.sync_api import expect as pw_expect
+
+    return pw_expect(locator)
+
+
+def get_json(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=5) as r:
+        return json.load(r)
+
+
+def cell(page: Any, target: str) -> Any:
+    return page.locator(f"td.cell[data-obs='default/n1'][data-tgt='{target}']")
+
+
+def test_the_page_shows_the_mesh_live_and_a_cut_peer_red(tmp_path: Path) -> None:
+    with web_mesh(tmp_path) as mesh, chromium(tmp_path) as context:
+        requests: list[str] = []
+        context.on("request", lambda req: requests.append(req.url))
+        page = context.new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.goto(mesh.url)
+
+        # One observer row (this agent) × every node: the agent itself and its 3 peers.
+        nodes = 1 + len(PEERS)
+        expect(page.locator("td.cell[data-state=reachable]")).to_have_count(nodes,
+                                                                           timeout=20_000)
+        assert page.locator("td.cell").count() == nodes
+        assert page.locator("#stale").is_hidden()
+
+        # Live: the "last updated" time moves on without a reload (the marker survives).
+        page.evaluate("window.__noReload = 1")
+        before = page.inner_text("#updated-at")
+        expect(page.locator("#updated-at")).not_to_have_text(before, timeout=10_000)
+        assert page.evaluate("window.__noReload") == 1
+
+        # Cut n3 (its responder stops): its cell, and only its, turns red.
+        mesh.responders["n3"].stop()
+        page.wait_for_selector("td.cell[data-tgt='default/n3'][data-state=unreachable]",
+                               timeout=15_000)
+        color = cell(page, "default/n3").evaluate("e => getComputedStyle(e).backgroundColor")
+        assert color == RED
+        for name in ("default/n1", "default/n2", "east/n4"):
+            assert cell(page, name).get_attribute("data-state") == "reachable"
+        assert page.evaluate("window.__noReload") == 1
+
+        # Verdicts: the agent's mesh view names the cut peer when this agent has one.
+        info = get_json(mesh.url + "api/agent")
+        assert info["mesh_feature"] == callable(getattr(Agent, "mesh", None))
+        if info["mesh_feature"]:
+            expect(page.locator("#verdicts li", has_text="n3").first).to_be_visible(
+                timeout=15_000)
+        else:
+            # Only this assertion depends on the mesh feature (issue 14): without it the
+            # page shows the local row and says why there are no verdicts.
+            assert "own row only" in page.inner_text("#no-verdicts")
+
+        # Controls: failing only, search, aggregation by cluster, zoom.
+        page.check("#failing")
+        expect(page.locator("td.cell")).to_have_count(1)
+        assert page.locator("td.cell").get_attribute("data-tgt") == "default/n3"
+        page.uncheck("#failing")
+        page.fill("#search", "n4")
+        expect(page.locator("td.cell")).to_have_count(1)
+        assert page.locator("td.cell").get_attribute("data-tgt") == "east/n4"
+        page.fill("#search", "")
+        page.check("#by-cluster")
+        expect(page.locator("td.cell")).to_have_count(2)
+        assert page.locator("td.cell[data-tgt=default]").get_attribute("data-state") == "degraded"
+        assert page.locator("td.cell[data-tgt=east]").get_attribute("data-state") == "reachable"
+        page.uncheck("#by-cluster")
+        expect(page.locator("td.cell")).to_have_count(nodes)
+
+        # The cut path's history: sparklines and the transition to unreachable.
+        cell(page, "default/n3").click()
+        page.wait_for_selector("#detail .path[data-kind=http] svg.spark polyline")
+        expect(page.locator("#detail .path[data-kind=http] .transitions")).to_contain_text(
+            "reachable → unreachable", timeout=10_000)
+        assert "n1 → n3" in page.inner_text("#detail-title")
+        # The agent's own health: components, interval.
+        assert "outputs.web" in page.inner_text("#components")
+        assert "1 s" in page.inner_text("#agent-facts")
+        assert not errors, errors
+
+        shot = tmp_path / "web.png"
+        page.screenshot(path=str(shot), full_page=True)
+        assert shot.stat().st_size > 10_000
+        if os.environ.get(SCREENSHOT_ENV):
+            shutil.copyfile(shot, os.environ[SCREENSHOT_ENV])
+
+        # The agent stops: the page says its data is stale.
+        mesh.agent.stop()
+        expect(page.locator("#stale")).to_be_visible(timeout=15_000)
+        assert "Stale" in page.inner_text("#stale")
+
+        # Every request the page made went to the agent, and nowhere else.
+        assert requests
+        hosts = {urlsplit(u).netloc for u in requests}
+        assert hosts == {mesh.host_port}, hosts
+
+
+def test_the_stale_banner_comes_when_the_agent_freezes_and_goes_when_it_resumes(
+    tmp_path: Path,
+) -> None:
+    """A frozen agent (SIGSTOP) accepts connections but answers nothing: the page's fetch
+    times out and its data ages past 3 intervals; once resumed, the banner goes away."""
+    with web_mesh(tmp_path) as mesh, chromium(tmp_path) as context:
+        page = context.new_page()
+        page.goto(mesh.url)
+        expect(page.locator("td.cell[data-state=reachable]")).to_have_count(
+            1 + len(PEERS), timeout=20_000)
+        assert page.locator("#stale").is_hidden()
+        mesh.agent.proc.send_signal(signal.SIGSTOP)
+        try:
+            expect(page.locator("#stale")).to_be_visible(timeout=20_000)
+            assert "Stale" in page.inner_text("#stale")
+        finally:
+            mesh.agent.proc.send_signal(signal.SIGCONT)
+        expect(page.locator("#stale")).to_be_hidden(timeout=20_000)

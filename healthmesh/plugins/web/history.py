@@ -3,10 +3,10 @@
 Memory is bounded and known in advance: each point is a wall time (8 bytes), an RTT and a
 loss (4 bytes each, float32) and a state (1 byte), 17 bytes, held in preallocated
 ``array`` buffers; a ring holds ``min(history / interval, max_points)`` points, so an hour
-at a 30 s interval is 120 points, about 2 KiB per path and kind plus a fixed overhead of
-about 1 KiB (the ring object, its arrays and its transitions). docs/web.md gives the
-measured figures. A path that leaves the mesh is dropped once its last point is older than
-the history.
+at a 30 s interval is 120 points: 2,040 bytes per path and kind plus a fixed overhead of
+under 1 KiB (the ring object, its arrays, its key; transitions once there are some).
+docs/web.md gives the measured figures. A path that leaves the mesh is dropped once its
+last point is older than the history.
 """
 
 from __future__ import annotations
@@ -49,7 +49,8 @@ class Ring:
         self.head = 0  # next slot to write
         self.count = 0
         self.last_state: str | None = None
-        self.transitions: deque[tuple[float, str, str, str]] = deque(maxlen=TRANSITIONS)
+        # Made at the first transition: an empty deque alone is about 600 bytes.
+        self.transitions: deque[tuple[float, str, str, str]] | None = None
 
     def add(self, t: float, rtt_ms: float | None, loss_pct: float | None, state: str) -> None:
         """Append one point (the oldest is overwritten when full)."""
@@ -64,7 +65,9 @@ class Ring:
     def note_state(self, t: float, state: str, error: str) -> None:
         """Record a transition when ``state`` differs from the last one seen."""
         if self.last_state is not None and state != self.last_state:
-            self.transitions.append((t, self.last_state, state, error))
+            if self.transitions is None:
+                self.transitions = deque(maxlen=TRANSITIONS)
+            self.transitions.append((t, self.last_state, state, error[:200]))
         self.last_state = state
 
     def last_time(self) -> float:
@@ -149,7 +152,7 @@ class History:
             for t, rtt, loss, state in list(zip(pts["t"], pts["rtt_ms"], pts["loss_pct"],
                                                 pts["state"]))[-self.capacity:]:
                 ring.add(t, rtt, loss, state)
-            ring.transitions.extend(old.transitions)
+            ring.transitions = old.transitions
             ring.last_state = old.last_state
         return ring
 
@@ -166,7 +169,7 @@ class History:
                 "points": ring.points(),
                 "transitions": [
                     {"at": round(t, 3), "from": a, "to": b, "error": e}
-                    for t, a, b, e in ring.transitions
+                    for t, a, b, e in ring.transitions or ()
                 ],
             })
         return out

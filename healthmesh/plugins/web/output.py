@@ -149,7 +149,7 @@ class WebOutput(Output):
         try:
             listener = await anyio.create_tcp_listener(local_host=host, local_port=port)
         except OSError as exc:
-            raise OSError(exc.errno, f"cannot listen on {self.settings.listen}: "
+            raise OSError(f"cannot listen on {self.settings.listen}: "
                           f"{exc.strerror or exc}") from None
         self.url = url_of(host, listener.extra(SocketAttribute.local_port))
         async with listener, anyio.create_task_group() as tg:

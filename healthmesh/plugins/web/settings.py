@@ -49,8 +49,10 @@ class WebSettings(ComponentSettings):
     def validate(cls, settings: WebSettings) -> None:
         """Raise ValueError naming the key when a value cannot work."""
         parse_listen(settings.listen)
-        if bool(settings.username) != bool(settings.password):
-            raise ValueError("username and password: set both for basic auth, or neither")
+        if settings.username and not settings.password:
+            raise ValueError("password: required with username (basic auth needs both)")
+        if settings.password and not settings.username:
+            raise ValueError("username: required with password (basic auth needs both)")
         if ":" in settings.username:
             raise ValueError("username: must not contain ':' (basic auth separates on it)")
         for key, (low, high) in LIMIT_BOUNDS.items():

@@ -144,6 +144,17 @@ class Server:
             if event is None:
                 return
             conn.busy = True
+            # h11 bounds a head only while it is incomplete; one that came in a single read
+            # is measured here (request line and "name: value\r\n" lines).
+            size = len(event.method) + len(event.target) + 12
+            size += sum(len(name) + len(value) + 4 for name, value in event.headers)
+            if size > self.max_header_bytes:
+                await self._send_raw(stream, 431, "request line and headers over "
+                                     f"{self.max_header_bytes} bytes")
+                return
+            if event.http_version not in (b"1.0", b"1.1"):
+                await self._send_raw(stream, 505, "HTTP/1.0 and HTTP/1.1 only")
+                return
             request = Request(
                 event.method.decode("latin-1"),
                 event.target.decode("latin-1").partition("?")[0],

@@ -6,9 +6,10 @@ BIN    := $(VENV)/bin
 # drive: namespaces and firewall rules, fping and
 # ApacheBench for side-by-side benchmarks, etcd for the membership tests, openssl for the
 # certificates of the etcd TLS and https check tests, dnsmasq as the real DNS server of the
-# dns check tests.
+# dns check tests, chromium as the real browser of the web page tests (driven by Playwright,
+# which never downloads a browser of its own here).
 SYSTEM_PACKAGES := python3-venv iproute2 iptables fping apache2-utils etcd-server etcd-client \
-                   procps openssl dnsmasq
+                   procps openssl dnsmasq chromium
 
 # Python 3.10 is the oldest supported version: `make test` also runs these fast unit tests
 # (no root, network namespaces or etcd) on it, in .venv310. The interpreter is python3.10
@@ -69,6 +70,7 @@ test-py310:
 	$(VENV310)/bin/pytest -q -p no:cacheprovider $(PY310_TESTS)
 
 demo: venv
+	@echo "web page: http://127.0.0.1:9968/ (the mesh heatmap; Ctrl-C stops the demo)"
 	$(BIN)/healthmesh run -c examples/loopback.toml
 
 bench: system-packages venv

@@ -191,6 +191,24 @@ def test_a_port_in_use_is_a_one_line_start_error(tmp_path: Path) -> None:
     assert "Traceback" not in proc.stderr
 
 
+def test_the_demo_config_logs_the_url_and_serves_the_demo_mesh(tmp_path: Path) -> None:
+    """``make demo``'s config (examples/loopback.toml, on free ports)."""
+    from tests.agentproc import AgentProc
+    from tests.test_run import loopback_config
+    from tests.web_support import wait_for_url
+
+    with AgentProc(loopback_config(tmp_path, free_port())) as agent:
+        url = wait_for_url(agent)
+        host_port = url.split("//")[1].rstrip("/")
+        agent.wait_for(lambda d: d["summary"]["reachable"] == 5, timeout=20)
+        agent.next_doc(timeout=10)
+        matrix = json.loads(request(host_port, "/api/matrix")[2])
+        assert matrix["observers"] == ["default/demo-1"]
+        assert len(matrix["targets"]) == 5 and "east/demo-5" in matrix["targets"]
+        assert matrix["rows"] == ["rrrrr"]
+        assert request(host_port, "/")[0] == 200
+
+
 # --- the pieces, without an agent -------------------------------------------------------------
 
 

@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import signal
+import time
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -143,3 +144,74 @@ def test_the_stale_banner_comes_when_the_agent_freezes_and_goes_when_it_resumes(
         finally:
             mesh.agent.proc.send_signal(signal.SIGCONT)
         expect(page.locator("#stale")).to_be_hidden(timeout=20_000)
+
+
+def test_the_page_is_usable_at_1000_nodes(tmp_path: Path) -> None:
+    """The real plugin serving a 1,000 × 1,000 mesh (tests/web_bigmesh.py: no agent can run
+    1,000 peers here): paged, filtered, searched, aggregated, with the verdicts in words."""
+    import re
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    log = (tmp_path / "big.log").open("w+")
+    proc = subprocess.Popen([sys.executable, "-m", "tests.web_bigmesh", "1000"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=log, text=True)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()  # the server prints its URL once it serves
+        m = re.match(r"web page: (http://\S+/)", line)
+        assert m, f"{line!r}; {(tmp_path / 'big.log').read_text()}"
+        url = m.group(1)
+        with chromium(tmp_path) as context:
+            page = context.new_page()
+            started = time.monotonic()
+            page.goto(url)
+            cells = page.locator("td.cell")
+            expect(cells).to_have_count(40 * 40, timeout=30_000)  # one page at medium zoom
+            first_render = time.monotonic() - started
+            assert "1000 observers × 1000 targets" in page.inner_text("#mesh-size")
+            expect(page.locator("#rows-page")).to_have_text("1/25")
+            page.click("#rows-next")
+            expect(page.locator("#rows-page")).to_have_text("2/25")
+            expect(page.locator("#heatmap tbody th").first).to_have_text("c0/n0040")
+
+            verdicts = page.locator("#verdicts li")
+            expect(verdicts).to_have_count(2)
+            text = page.inner_text("#verdicts")
+            assert "c5/n0500 is down" in text
+            assert "link c0/n0001 ↔ c0/n0002 cut since" in text
+
+            # Failing only: every row fails (c5/n0500 is down), three columns do.
+            page.check("#failing")
+            expect(cells).to_have_count(40 * 3)
+            cols = page.locator("#heatmap thead th:not(.corner)").all_inner_texts()
+            assert cols == ["c0/n0001", "c0/n0002", "c5/n0500"]
+            page.uncheck("#failing")
+
+            # Search narrows both axes to the matching names.
+            page.fill("#search", "n0002")
+            expect(cells).to_have_count(1)
+            page.fill("#search", "c5/")
+            expect(cells).to_have_count(40 * 40)  # 100 rows and columns of c5, paged
+            page.fill("#search", "")
+
+            # By cluster: 10 × 10 cells, the failing pairs counted.
+            page.check("#by-cluster")
+            expect(cells).to_have_count(100)
+            assert page.locator("td.cell[data-obs=c0][data-tgt=c0]").get_attribute(
+                "data-state") == "degraded"
+            assert page.locator("td.cell[data-obs=c3][data-tgt=c4]").get_attribute(
+                "data-state") == "reachable"
+            # Small zoom pages 100 × 100 when not aggregated.
+            page.uncheck("#by-cluster")
+            page.select_option("#zoom", "s")
+            expect(cells).to_have_count(100 * 100, timeout=20_000)
+            page.screenshot(path=str(tmp_path / "web-1000.png"))
+            print(f"1,000 × 1,000: first page rendered {first_render:.1f} s after load")
+            assert first_render < 25
+    finally:
+        proc.kill()
+        proc.wait()
+        log.close()

@@ -153,7 +153,7 @@ class WebApp:
     # -- JSON endpoints -----------------------------------------------------------------------
 
     async def mesh(self, query: dict[str, str]) -> bytes:
-        return (await self.data.latest()).mesh
+        return await (await self.data.latest()).mesh()
 
     async def matrix(self, query: dict[str, str]) -> bytes:
         return (await self.data.latest()).matrix

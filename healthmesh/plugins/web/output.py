@@ -27,14 +27,25 @@ AGENT_KEYS = ("timestamp", "interval_s", "local", "summary", "components", "roun
 
 @dataclass
 class Published:
-    """One snapshot's mesh, matrix and documents, encoded once and served as bytes."""
+    """One snapshot's matrix and documents, encoded once and served as bytes.
+
+    The mesh contract is encoded at its first request only: at 1,000 × 1,000 it is about
+    110 MB of JSON, which the page never asks for (it reads the compact matrix).
+    """
 
     mesh_data: dict[str, Any]
-    mesh: bytes
     matrix: bytes
     snapshot: bytes
     agent: dict[str, Any]
     built: float = field(default_factory=time.monotonic)
+    _mesh: bytes | None = None
+    _mesh_lock: anyio.Lock = field(default_factory=anyio.Lock)
+
+    async def mesh(self) -> bytes:
+        async with self._mesh_lock:  # concurrent requests share one encoding
+            if self._mesh is None:
+                self._mesh = await anyio.to_thread.run_sync(encode, self.mesh_data)
+            return self._mesh
 
     def cell(self, observer: str, target: str) -> dict[str, Any] | None:
         return cell(self.mesh_data, observer, target)
@@ -60,7 +71,7 @@ def _agent_info(data: dict[str, Any], mesh: dict[str, Any], has_mesh: bool,
 def _build(data: dict[str, Any], mesh: dict[str, Any], has_mesh: bool,
            http_port: int) -> Published:
     """Encode everything (CPU-bound at thousands of nodes: run it in a worker thread)."""
-    return Published(mesh, encode(mesh), encode(compact(mesh)), encode(data),
+    return Published(mesh, encode(compact(mesh)), encode(data),
                      _agent_info(data, mesh, has_mesh, http_port))
 
 

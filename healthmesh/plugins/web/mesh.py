@@ -83,31 +83,31 @@ def _worst(states: set[str]) -> str:
 
 
 def compact(mesh: dict[str, Any]) -> dict[str, Any]:
-    """The page's matrix: ``rows[i][j]`` is observer i's state letter for target j."""
+    """The page's matrix: ``rows[i][j]`` is observer i's state letter for target j.
+
+    Written for 1,000 × 1,000 (a million cells): comprehensions over each row, no call
+    per cell beyond ``dict.get``. RTT and loss are passed on as the mesh gives them (numbers
+    or null, by its contract); anything else becomes null.
+    """
     observers = [str(o) for o in mesh.get("observers") or ()]
     targets = [str(t) for t in mesh.get("targets") or ()]
     cells = mesh.get("cells") or {}
+    letters = LETTERS
     rows: list[str] = []
-    rtts: list[list[float | None]] = []
-    losses: list[list[float | None]] = []
+    rtts: list[list[Any]] = []
+    losses: list[list[Any]] = []
+    empty: dict[str, Any] = {}
     for obs in observers:
-        row = cells.get(obs) or {}
-        letters = []
-        rr: list[float | None] = []
-        ll: list[float | None] = []
-        for tgt in targets:
-            cell = row.get(tgt)
-            if not isinstance(cell, dict):
-                letters.append("-")  # not measured
-                rr.append(None)
-                ll.append(None)
-                continue
-            letters.append(LETTERS.get(str(cell.get("state")), "?"))
-            rr.append(_round(cell.get("rtt_ms")))
-            ll.append(_round(cell.get("loss_pct")))
-        rows.append("".join(letters))
-        rtts.append(rr)
-        losses.append(ll)
+        row = cells.get(obs)
+        get = row.get if isinstance(row, dict) else empty.get
+        found = [get(t) for t in targets]
+        row_cells = [c if type(c) is dict else None for c in found]
+        rows.append("".join([
+            "-" if c is None else letters.get(c.get("state"), "?") for c in row_cells
+        ]))
+        rtts.append([_number(c.get("rtt_ms")) if c is not None else None for c in row_cells])
+        losses.append([_number(c.get("loss_pct")) if c is not None else None
+                       for c in row_cells])
     verdicts = [
         {k: v.get(k) for k in VERDICT_KEYS}
         for v in mesh.get("verdicts") or ()
@@ -125,12 +125,13 @@ def compact(mesh: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _number(value: Any) -> Any:
+    t = type(value)
+    return value if t is float or t is int else None
+
+
 def cell(mesh: dict[str, Any], observer: str, target: str) -> dict[str, Any] | None:
     """One cell of the contract, or None."""
     row = (mesh.get("cells") or {}).get(observer)
     found = row.get(target) if isinstance(row, dict) else None
     return found if isinstance(found, dict) else None
-
-
-def _round(value: Any) -> float | None:
-    return round(float(value), 3) if isinstance(value, (int, float)) else None

@@ -10,7 +10,7 @@ const SVG = "http://www.w3.org/2000/svg";
 
 const view = {
   agent: null, matrix: null, lastOk: 0, error: null, selected: null,
-  rowPage: 0, colPage: 0, timer: null,
+  rowPage: 0, colPage: 0, timer: null, shown: new WeakMap(),
 };
 
 function display(name) {
@@ -70,12 +70,15 @@ async function getJSON(path) {
 async function poll() {
   try {
     const [agent, matrix] = await Promise.all([getJSON("api/agent"), getJSON("api/matrix")]);
-    view.agent = agent;
     if (!view.matrix && matrix.targets.length <= 20) $("zoom").value = "l"; // a small mesh: big cells
+    // The matrix changes once a round; polls in between only move the clock.
+    const changed = !view.matrix || matrix.timestamp !== view.matrix.timestamp ||
+      agent.timestamp !== view.agent.timestamp;
+    view.agent = agent;
     view.matrix = matrix;
     view.lastOk = Date.now();
     view.error = null;
-    render();
+    if (changed) render();
     if (view.selected) await renderDetail();
   } catch (err) {
     view.error = err.message || String(err);
@@ -117,6 +120,7 @@ function renderStale() {
 // -- rendering -------------------------------------------------------------------------------
 
 function render() {
+  const started = performance.now();
   const a = view.agent;
   const m = view.matrix;
   $("local-name").textContent = a.local ? display(`${a.local.cluster}/${a.local.name}`) : "";
@@ -127,10 +131,12 @@ function render() {
   const updated = $("updated-at");
   updated.textContent = hms(m.timestamp || a.timestamp);
   updated.setAttribute("datetime", m.timestamp || a.timestamp || "");
-  $("footer").textContent = `healthmesh ${a.version} · served by this agent only`;
   renderVerdicts(m.verdicts || []);
   renderHeatmap();
   renderAgent();
+  const took = Math.round(performance.now() - started);
+  $("footer").textContent = `healthmesh ${a.version} · served by this agent only · drawn in ${took} ms`;
+  $("footer").dataset.renderMs = String(took);
 }
 
 function verdictText(v) {
@@ -263,6 +269,7 @@ function renderHeatmap() {
 
   const table = $("heatmap");
   table.className = `zoom-${zoom}`;
+  view.shown = new WeakMap(); // cell -> [row, col], for the one click handler on the table
   const head = el("tr", {}, el("th", { class: "corner", text: "observer ↓ target →" }));
   for (const c of shownCols) {
     head.append(el("th", { scope: "col", title: c.name, text: c.cluster ? `${c.name} (${c.idx.length})` : display(c.name) }));
@@ -287,7 +294,7 @@ function renderHeatmap() {
       if (cell.count > 1 && cell.bad && zoom !== "s") td.textContent = String(cell.bad);
       const sel = view.selected;
       if (sel && sel.obs === r.name && sel.tgt === c.name) td.classList.add("selected");
-      td.addEventListener("click", () => select(r, c));
+      view.shown.set(td, [r, c]);
       tr.append(td);
     }
     body.append(tr);
@@ -436,6 +443,11 @@ function wire() {
   $("rows-next").addEventListener("click", step("rowPage", 1));
   $("cols-prev").addEventListener("click", step("colPage", -1));
   $("cols-next").addEventListener("click", step("colPage", 1));
+  $("heatmap").addEventListener("click", (event) => {
+    const td = event.target.closest("td.cell");
+    const found = td && view.shown.get(td);
+    if (found) select(found[0], found[1]);
+  });
   setInterval(renderStale, 1000);
   poll();
 }

@@ -212,6 +212,18 @@ def test_the_demo_config_logs_the_url_and_serves_the_demo_mesh(tmp_path: Path) -
 # --- the pieces, without an agent -------------------------------------------------------------
 
 
+def test_listen_addresses_and_urls() -> None:
+    from healthmesh.plugins.web.settings import parse_listen, url_of
+
+    assert parse_listen("127.0.0.1:9968") == ("127.0.0.1", 9968)
+    assert parse_listen("[::1]:0") == ("::1", 0)
+    assert url_of("::", 9968) == "http://[::1]:9968/"
+    assert url_of("0.0.0.0", 80) == "http://127.0.0.1:80/"
+    for bad in ("::1:9968", "[::1]9968", "127.0.0.1", "host:1"):
+        with pytest.raises(ValueError, match="listen"):
+            parse_listen(bad)
+
+
 def _snapshot(n: int, t: str, state: str = "reachable") -> dict[str, Any]:
     view = {"state": state, "rtt_ms": 0.5 if state == "reachable" else None,
             "loss_pct": 0.0, "error": None, "last_change": t}

@@ -24,7 +24,7 @@ from healthmesh.plugins.web.settings import WebSettings
 MAX_QUERY_BYTES = 2048
 
 CSP = (
-    b"default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    b"default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; "
     b"connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'none'; "
     b"frame-ancestors 'none'"
 )

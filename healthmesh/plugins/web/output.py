@@ -54,6 +54,8 @@ class Published:
 def _agent_info(data: dict[str, Any], mesh: dict[str, Any], has_mesh: bool,
                 http_port: int) -> dict[str, Any]:
     info = {k: data[k] for k in AGENT_KEYS if k in data}
+    # Scheduler lag, under whatever top-level key the agent reports it ("lag_ms", ...).
+    info.update({k: v for k, v in data.items() if "lag" in k and k not in info})
     summary = info.get("summary")
     if isinstance(summary, dict):  # per-cluster counts: the matrix has them, and long
         info["summary"] = {k: v for k, v in summary.items() if k != "clusters"}

@@ -120,6 +120,9 @@ class Server:
                 await self._serve(stream, conn)
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
             pass  # the client went away
+        except Exception as exc:  # one connection's surprise must not stop the server
+            logger.opt(exception=exc).debug("web: connection failed")
+            logger.warning("web: a connection failed: {}: {}", type(exc).__name__, exc)
         finally:
             self.open.pop(conn, None)
             with anyio.CancelScope(shield=True):

@@ -412,8 +412,13 @@ function renderAgent() {
       if (k.includes("lag")) rows.push([`scheduler ${k.replace(/_/g, " ")}`, String(v)]);
     }
   }
+  for (const [k, v] of Object.entries(a)) {
+    if (k.includes("lag")) rows.push([`scheduler ${k.replace(/_/g, " ")}`, typeof v === "object" ? JSON.stringify(v) : String(v)]);
+  }
   if (a.scheduler && typeof a.scheduler === "object") {
-    for (const [k, v] of Object.entries(a.scheduler)) rows.push([`scheduler ${k.replace(/_/g, " ")}`, String(v)]);
+    for (const [k, v] of Object.entries(a.scheduler)) {
+      rows.push([`scheduler ${k.replace(/_/g, " ")}`, typeof v === "object" ? JSON.stringify(v) : String(v)]);
+    }
   }
   if (!rows.some((r) => r[0].startsWith("scheduler"))) rows.push(["scheduler lag", "not reported by this agent"]);
   const h = a.history || {};

@@ -8,6 +8,7 @@ import http.client
 import json
 import socket
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import jsonschema
@@ -286,3 +287,28 @@ def test_the_local_row_fallback_has_the_mesh_shape() -> None:
     node = {"paths": [{"primary": True, "role": "host", "probes": {"http": bad, "icmp": bad}}]}
     assert cell_of(node)["state"] == "unreachable"
     assert cell_of({"paths": []})["state"] == "unknown"
+
+
+@pytest.mark.anyio
+async def test_snapshots_arriving_during_a_build_are_coalesced() -> None:
+    """The output returns at once; the builder serves the newest snapshot, not every one."""
+    import anyio
+
+    from healthmesh import Snapshot
+    from healthmesh.plugins.web.output import Store
+    from healthmesh.plugins.web.settings import WebSettings
+
+    context: Any = SimpleNamespace(config=SimpleNamespace(components={}))
+    store = Store(context, WebSettings())
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(store.builder)
+        for k in range(50):  # a burst, as state changes every few ms would be
+            store.publish(Snapshot(_snapshot(200, f"2026-01-01T00:00:{k:02d}Z")),
+                          point=False)
+            await anyio.sleep(0.002)
+        with anyio.fail_after(10):
+            while store.current is None or json.loads(store.current.matrix)[
+                    "timestamp"] != "2026-01-01T00:00:49Z":
+                await anyio.sleep(0.05)
+        tg.cancel_scope.cancel()
+    assert 1 <= store.builds < 50

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import time
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -20,6 +19,10 @@ from healthmesh.plugins.web.settings import WebSettings, parse_listen, url_of
 
 #: Before the first round, a live view is rebuilt at most this often (seconds).
 LIVE_TTL = 1.0
+#: Builds of the page's data are spaced by this many times their own cost (at most 20% of a
+#: core), and at most MAX_BUILD_GAP seconds apart when snapshots keep coming.
+BUILD_SPACING = 4.0
+MAX_BUILD_GAP = 5.0
 #: Snapshot keys the agent endpoint passes on (the page's "this agent" panel).
 AGENT_KEYS = ("timestamp", "interval_s", "local", "summary", "components", "round",
               "scheduler", "probe_kinds", "sources")
@@ -84,8 +87,9 @@ class Store:
         self.context = context
         self.history = History(float(settings.history), settings.max_points)
         self.current: Published | None = None
-        self._seq = itertools.count()
-        self._current_seq = -1
+        self.builds = 0
+        self._pending: dict[str, Any] | None = None
+        self._wake = anyio.Event()
         self._live: Published | None = None
         self._lock = anyio.Lock()
         self._mesh_failed = False
@@ -110,14 +114,34 @@ class Store:
         self._mesh_failed = False
         return found, True
 
-    async def publish(self, snapshot: Snapshot, *, point: bool) -> None:
-        data = snapshot.data
-        self.history.record(data, point=point)
-        seq = next(self._seq)
-        mesh, has_mesh = self._mesh_of(data)
-        built = await anyio.to_thread.run_sync(_build, data, mesh, has_mesh, self.http_port)
-        if seq > self._current_seq:  # a newer snapshot may have been encoded faster
-            self.current, self._current_seq = built, seq
+    def publish(self, snapshot: Snapshot, *, point: bool) -> None:
+        """Take a snapshot: into the history now, into the page by the builder (``run``)."""
+        self.history.record(snapshot.data, point=point)
+        self._pending = snapshot.data
+        self._wake.set()
+
+    async def builder(self) -> None:
+        """Build what the page serves from the newest snapshot, one build at a time.
+
+        The agent hands snapshots to its outputs one output after another, so the output
+        only records them and returns; building (a second at a million cells) happens here.
+        Snapshots that arrive during a build are coalesced into the next one, and builds are
+        spaced by BUILD_SPACING times their cost, so state changes arriving every 100 ms
+        cannot keep a core busy.
+        """
+        while True:
+            await self._wake.wait()
+            self._wake = anyio.Event()
+            data, self._pending = self._pending, None
+            if data is None:
+                continue
+            started = time.perf_counter()
+            mesh, has_mesh = self._mesh_of(data)
+            self.current = await anyio.to_thread.run_sync(_build, data, mesh, has_mesh,
+                                                          self.http_port)
+            self.builds += 1
+            cost = time.perf_counter() - started
+            await anyio.sleep(min(cost * BUILD_SPACING, MAX_BUILD_GAP))
 
     async def latest(self) -> Published:
         if self.current is not None:
@@ -166,13 +190,14 @@ class WebOutput(Output):
                           f"{exc.strerror or exc}") from None
         self.url = url_of(host, listener.extra(SocketAttribute.local_port))
         async with listener, anyio.create_task_group() as tg:
+            tg.start_soon(self.store.builder)
             logger.info("web page: {}", self.url)
             task_status.started()
             await listener.serve(self.server.handle, tg)
 
     async def round_completed(self, snapshot: Snapshot) -> None:
-        await self.store.publish(snapshot, point=True)
+        self.store.publish(snapshot, point=True)
 
     async def state_changed(self, snapshot: Snapshot) -> None:
         # A decided failure shows at once, not at the end of the round (no history point).
-        await self.store.publish(snapshot, point=False)
+        self.store.publish(snapshot, point=False)

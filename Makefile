@@ -6,10 +6,11 @@ BIN    := $(VENV)/bin
 # drive: namespaces and firewall rules, fping and
 # ApacheBench for side-by-side benchmarks, etcd for the membership tests, openssl for the
 # certificates of the etcd TLS and https check tests, dnsmasq as the real DNS server of the
-# dns check tests, chromium as the real browser of the web page tests (driven by Playwright,
-# which never downloads a browser of its own here).
+# dns check tests, prometheus
+# (with promtool) for the metrics tests, chromium as the real browser of the web page tests
+# (driven by Playwright, which never downloads a browser of its own here).
 SYSTEM_PACKAGES := python3-venv iproute2 iptables fping apache2-utils etcd-server etcd-client \
-                   procps openssl dnsmasq chromium
+                   procps openssl dnsmasq prometheus chromium
 
 # Python 3.10 is the oldest supported version: `make test` also runs these fast unit tests
 # (no root, network namespaces or etcd) on it, in .venv310. The interpreter is python3.10

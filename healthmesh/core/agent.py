@@ -24,6 +24,7 @@ from healthmesh.core.components import (
     Service,
 )
 from healthmesh.core.config import Config
+from healthmesh.core.events import EventLog, StateEvents, feed_output
 from healthmesh.core.health import ComponentHealth
 from healthmesh.core.isolation import ENTER_DEADLINE, IsolatedProbe, LoopWatchdog
 from healthmesh.core.membership import Membership
@@ -32,6 +33,7 @@ from healthmesh.core.plugins import PluginRegistry
 from healthmesh.core.scheduler import RoundInfo, Scheduler
 from healthmesh.core.snapshot import build_snapshot
 from healthmesh.core.state import StateStore
+from healthmesh.core.telemetry import Telemetry
 
 #: Bound on clean-up work at shutdown, so SIGTERM ends the agent within 2 s.
 SHUTDOWN_BOUND = 1.5
@@ -83,14 +85,18 @@ class Agent:
             labels=dict(n.labels),
         )
         p = config.probing
-        self.store = StateStore(p.failure_threshold, p.window)
+        self.telemetry = Telemetry(p.timeout)  # counters for the metrics output
+        self.store = StateStore(p.failure_threshold, p.window, self.telemetry)
         self.membership = Membership(self.local_node, on_change=self._membership_changed)
+        self.telemetry.primary_of = self.membership.is_primary
         self.probes: dict[str, Probe] = {}
         self.sources: list[PeerSource] = []
         self.outputs: list[Output] = []
         self.services: list[Service] = []
         self.console: Output | None = None
-        self.health = ComponentHealth()
+        ev = config.core.events
+        self.events = EventLog(self.local_node.id, ring=ev.ring, buffer=ev.buffer)
+        self.health = ComponentHealth(on_change=self._component_changed)
         self.watchdog = LoopWatchdog()
         self._exit_code = 0
         self._stopping = False
@@ -98,6 +104,13 @@ class Agent:
         #: (so that outputs are still closed after it).
         self._scope: anyio.CancelScope | None = None
         self._build(console)
+        self._transitions = StateEvents(
+            self.events,
+            self.membership.nodes,
+            lambda node: self.membership.paths_of(node, host=p.host, endpoint=p.endpoint),
+            self.store,
+            lambda: self.probes,
+        )
         self.scheduler = Scheduler(
             p,
             self.probes,
@@ -105,6 +118,7 @@ class Agent:
             seed=self.local_node.id,
             on_round=self._round_completed,
             on_change=self._state_changed,
+            on_transition=self._transitions.path_changed,
         )
         self.checks = CheckRunner(
             build_entries(config.checks, registry.check_kinds, self, p.window),
@@ -154,6 +168,14 @@ class Agent:
             self.console.to_console = True
             self.outputs.append(self.console)
 
+    def _component_changed(self, name: str, old: str, new: str, message: str) -> None:
+        """A component's state changed: a ``component`` event (docs/events.md)."""
+        n = self.local_node
+        self.events.emit(
+            "component", node=n.name, cluster=n.cluster, from_=old, to=new,
+            reason=message or ("started" if old == "absent" else new), component=name,
+        )
+
     # -- AgentContext -------------------------------------------------------------------
 
     def snapshot(self) -> Snapshot:
@@ -178,6 +200,9 @@ class Agent:
         components = getattr(self, "components", None)
         if callable(components):
             extra.setdefault("components", components())
+        stats = {o.name: st for o in self.outputs if (st := o.stats()) is not None}
+        if stats:
+            extra["outputs"] = stats
         return build_snapshot(
             self.membership,
             self.store,
@@ -233,11 +258,13 @@ class Agent:
             for path in self.membership.paths_of(node, host=p.host, endpoint=p.endpoint)
         ]
         self.scheduler.set_paths(paths)
+        self._transitions.membership_changed()
         # Live outputs (the API) show added and removed nodes now, not at the end of a round.
         self._state_changed()
 
     async def _round_completed(self, rnd: RoundInfo) -> None:
         self._last_round = rnd
+        self.telemetry.round_finished(rnd.duration)
         logger.debug("round {} finished in {:.3f}s", rnd.number, rnd.duration or 0.0)
         await self._hand_to_outputs("round_completed", self.snapshot())
 
@@ -327,6 +354,11 @@ class Agent:
                     tg.start_soon(self._publish_changes)
                     # Checks run in their own tasks: started, never waited for.
                     await tg.start(self.checks.run)
+                    for out in self.outputs:
+                        if type(out).events is not Output.events:  # only outputs that want them
+                            tg.start_soon(functools.partial(
+                                feed_output, self.events, out, timeout=self.config.probing.interval
+                            ))
                 for src in self.sources:
                     feed = self.membership.feed(src.name)
                     await tg.start(self._start_source, src, feed)

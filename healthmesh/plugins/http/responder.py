@@ -122,6 +122,7 @@ class Responder(Service):
             raise
         loop = asyncio.get_running_loop()
         pool = self.pool = ConnectionPool(loop, s, cap)
+        pool.telemetry = getattr(self.context, "telemetry", None)  # counts status codes
         listeners: list[Listener] = []
         try:
             for sock in socks:
@@ -250,6 +251,8 @@ class Listener:
 
 class ConnectionPool:
     """Every open connection, oldest first: enforces the cap and the timeouts."""
+
+    telemetry: Any = None  # the agent's Telemetry (None for the standalone responder)
 
     def __init__(self, loop: asyncio.AbstractEventLoop, settings: ResponderSettings,
                  cap: int) -> None:
@@ -457,6 +460,8 @@ class Connection:
         sock = self.sock
         if sock is None:
             return
+        if self.pool.telemetry is not None:  # every response passes here: "HTTP/1.1 NNN ..."
+            self.pool.telemetry.responded(int(data[9:12]))
         if self.out:
             self.out += data
             return

@@ -178,10 +178,13 @@ def test_the_page_is_usable_at_1000_nodes(tmp_path: Path) -> None:
             expect(page.locator("#heatmap tbody th").first).to_have_text("c0/n0040")
 
             verdicts = page.locator("#verdicts li")
-            expect(verdicts).to_have_count(2)
+            expect(verdicts).to_have_count(3)
             text = page.inner_text("#verdicts")
             assert "c5/n0500 is down" in text
             assert "link c0/n0001 ↔ c0/n0002 cut since" in text
+            # Markup in the data is text: no element made from it.
+            assert '<img src="x" class="xss">loss 40%' in text
+            assert page.locator("img.xss").count() == 0
 
             # Failing only: every row fails (c5/n0500 is down), three columns do.
             page.check("#failing")

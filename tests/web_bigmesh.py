@@ -3,8 +3,8 @@
 For the page's scale test: no agent can run 1,000 peers on a shared 2-core machine, so an
 agent context offers a mesh of N nodes in 10 clusters, built like issue 14's contract, with
 one node down (``c5/n0500`` at N=1000) and one link cut (``c0/n0001 ↔ c0/n0002``), and
-verdicts saying so. Prints ``web page: URL`` and republishes every 2.5 s (the interval is
-5 s) until killed.
+verdicts saying so (one with markup in its evidence, which the page must show as text).
+Prints ``web page: URL`` and republishes every 2.5 s (the interval is 5 s) until killed.
 """
 
 from __future__ import annotations
@@ -70,6 +70,10 @@ class BigMesh:
                              "fail icmp and http", "since": self.since},
                 {"kind": "link", "subject": list(self.link), "confidence": 0.9,
                  "evidence": "both directions fail; both reach everyone else",
+                 "since": self.since},
+                # Markup in data is shown as text, never parsed (the page's XSS check).
+                {"kind": "degraded", "subject": [self.nodes[3], self.nodes[4]],
+                 "confidence": 0.5, "evidence": '<img src="x" class="xss">loss 40%',
                  "since": self.since},
             ],
             "local_only": False,

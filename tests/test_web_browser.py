@@ -1,6 +1,8 @@
 """The web page in a real browser (Debian's chromium, headless, driven by Playwright) against
 a real agent whose peers are loopback responder processes: cells, a cut peer turning red,
-verdicts, live updates, the stale banner, the controls, and no request outside the agent."""
+verdicts, live updates, the stale banner, the controls, and no request outside the agent;
+the same with agent, peers and browser in a test namespace and the cut an iptables DROP; and
+the page at 1,000 × 1,000 (tests/web_bigmesh.py)."""
 
 from __future__ import annotations
 
@@ -13,6 +15,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
+
+import pytest
 
 from healthmesh.core.agent import Agent
 from tests.web_support import PEERS, chromium, web_mesh
@@ -224,3 +228,56 @@ def test_the_page_is_usable_at_1000_nodes(tmp_path: Path) -> None:
         proc.kill()
         proc.wait()
         log.close()
+
+
+@pytest.mark.root
+def test_a_peer_cut_by_iptables_in_a_namespace_turns_red(ns: Any, tmp_path: Path) -> None:
+    """Everything in a namespace the test made: the agent (ICMP and HTTP probes), its peers
+    (loopback addresses there, answered by its own responder) and the browser. A DROP rule
+    for one peer's address cuts both kinds; its cell turns red, the others stay green."""
+    from tests.agentproc import AgentProc
+
+    config = tmp_path / "agent.toml"
+    nodes = ", ".join(f'{{name = "{n}", cluster = "{c}", addresses = ["{a}"]}}'
+                      for n, c, a in PEERS)
+    config.write_text(f"""
+[node]
+name = "n1"
+addresses = ["127.0.0.1"]
+[probing]
+interval = "1s"
+timeout = "300ms"
+confirm_probes = 2
+[responder]
+listen = ["0.0.0.0:4240"]
+[outputs.api]
+socket = "{tmp_path}/health.sock"
+[outputs.web]
+listen = "127.0.0.1:9968"
+[sources.static]
+nodes = [{nodes}]
+""")
+    with AgentProc(config, prefix=ns.cmd()) as agent, \
+            chromium(tmp_path, netns=ns.name) as context:
+        from tests.web_support import wait_for_url
+
+        url = wait_for_url(agent)
+        doc = agent.wait_for(lambda d: d["summary"]["reachable"] == 1 + len(PEERS), timeout=20)
+        assert doc["probe_kinds"] == ["http", "icmp"]
+        requests: list[str] = []
+        context.on("request", lambda req: requests.append(req.url))
+        page = context.new_page()
+        page.goto(url)
+        expect(page.locator("td.cell[data-state=reachable]")).to_have_count(1 + len(PEERS),
+                                                                           timeout=20_000)
+        ns.run("iptables", "-A", "INPUT", "-d", "127.0.0.4", "-j", "DROP")
+        target = page.locator("td.cell[data-tgt='east/n4']")
+        expect(target).to_have_attribute("data-state", "unreachable", timeout=15_000)
+        assert target.evaluate("e => getComputedStyle(e).backgroundColor") == RED
+        assert page.locator("td.cell[data-state=reachable]").count() == len(PEERS)
+        target.click()
+        expect(page.locator("#detail .path[data-kind=icmp] .transitions")).to_contain_text(
+            "reachable → unreachable", timeout=10_000)
+        ns.run("iptables", "-D", "INPUT", "-d", "127.0.0.4", "-j", "DROP")
+        expect(target).to_have_attribute("data-state", "reachable", timeout=15_000)
+        assert {urlsplit(u).netloc for u in requests} == {"127.0.0.1:9968"}

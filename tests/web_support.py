@@ -139,14 +139,21 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu",
 
 
 @contextmanager
-def chromium(tmp: Path) -> Iterator[object]:
+def chromium(tmp: Path, netns: str | None = None) -> Iterator[object]:
     """A Playwright browser context on Debian's chromium, with a fresh user-data dir.
 
-    Skips on a laptop without them (fails under CI=true); never downloads a browser.
+    With ``netns``, the browser runs inside that network namespace (Playwright talks to it
+    over a pipe, so it needs no network to be driven). Skips on a laptop without chromium
+    or Playwright (fails under CI=true); never downloads a browser.
     """
     from tests.conftest import require, require_binary
 
     path = require_binary("chromium", "chromium")
+    if netns is not None:
+        wrapper = tmp / "chromium-in-netns"
+        wrapper.write_text(f'#!/bin/sh\nexec ip netns exec {netns} {path} "$@"\n')
+        wrapper.chmod(0o755)
+        path = str(wrapper)
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:

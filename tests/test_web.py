@@ -312,3 +312,30 @@ async def test_snapshots_arriving_during_a_build_are_coalesced() -> None:
                 await anyio.sleep(0.05)
         tg.cancel_scope.cancel()
     assert 1 <= store.builds < 50
+
+
+def test_transitions_come_from_events_once_the_agent_sends_them() -> None:
+    """A flap between two snapshots is two events; both are kept, at their own times."""
+    from healthmesh import Event
+
+    h = History(history_s=60.0, max_points=100)
+    h.record(_snapshot(2, "2026-01-01T00:00:00Z"), point=True)
+
+    def event(seq: int, t: str, before: str, after: str, reason: str) -> Event:
+        return Event(seq=seq, time=t, type="path", node="n1", cluster="default",
+                     path="10.0.0.1", role="host", kind="http", from_=before, to=after,
+                     reason=reason, observer="default/n0")
+
+    h.event(event(1, "2026-01-01T00:00:01.200Z", "reachable", "unreachable", "timeout"))
+    h.event(event(2, "2026-01-01T00:00:01.700Z", "unreachable", "reachable", "recovered"))
+    node_event = Event(seq=3, time="2026-01-01T00:00:01.700Z", type="node", node="n1",
+                       cluster="default", path=None, role=None, kind=None, from_="reachable",
+                       to="unreachable", reason="x", observer="default/n0")
+    h.event(node_event)  # node events are not a path's history
+    # The next snapshot shows reachable again: no transition of its own is added.
+    h.record(_snapshot(2, "2026-01-01T00:00:02Z"), point=True)
+    (path,) = [p for p in h.of_node("default/n1") if p["kind"] == "http"]
+    assert [(t["from"], t["to"], t["error"]) for t in path["transitions"]] == [
+        ("reachable", "unreachable", "timeout"), ("unreachable", "reachable", "recovered")]
+    assert path["transitions"][0]["at"] == 1767225601.2
+    assert len(path["points"]["t"]) == 2

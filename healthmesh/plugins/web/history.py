@@ -62,13 +62,16 @@ class Ring:
         self.head = (i + 1) % self.capacity
         self.count = min(self.count + 1, self.capacity)
 
-    def note_state(self, t: float, state: str, error: str) -> None:
-        """Record a transition when ``state`` differs from the last one seen."""
-        if self.last_state is not None and state != self.last_state:
-            if self.transitions is None:
-                self.transitions = deque(maxlen=TRANSITIONS)
-            self.transitions.append((t, self.last_state, state, error[:200]))
+    def note_state(self, t: float, state: str, error: str, *, record: bool = True) -> None:
+        """Record a transition when ``state`` differs from the last one seen (and ``record``)."""
+        if record and self.last_state is not None and state != self.last_state:
+            self.add_transition(t, self.last_state, state, error)
         self.last_state = state
+
+    def add_transition(self, t: float, before: str, after: str, reason: str) -> None:
+        if self.transitions is None:
+            self.transitions = deque(maxlen=TRANSITIONS)
+        self.transitions.append((t, before, after, reason[:200]))
 
     def last_time(self) -> float:
         return self.t[(self.head - 1) % self.capacity] if self.count else 0.0
@@ -104,7 +107,9 @@ class History:
         self.max_points = max_points
         self.capacity = 2
         self.rings: dict[Key, Ring] = {}
-        self.last_round: Any = None
+        #: True once the agent hands over events: transitions come from them (every one, at
+        #: its own time), no longer from comparing snapshots (which miss a quick flap).
+        self.from_events = False
 
     def capacity_for(self, interval_s: float) -> int:
         """Points per ring: one per round over the history, at least 2, at most max_points."""
@@ -127,13 +132,11 @@ class History:
                 for kind, view in (path.get("probes") or {}).items():
                     key = (name, str(path.get("address")), str(path.get("role")), str(kind))
                     seen.add(key)
-                    ring = self.rings.get(key)
-                    if ring is None or ring.capacity != self.capacity:
-                        ring = self._resized(ring)
-                        self.rings[key] = ring
+                    ring = self._ring(key)
                     state = str(view.get("state", "unknown"))
                     at = parse_time(view.get("last_change")) or now
-                    ring.note_state(at, state, str(view.get("error") or ""))
+                    ring.note_state(at, state, str(view.get("error") or ""),
+                                    record=not self.from_events)
                     if point:
                         rtt = view.get("rtt_ms")
                         loss = view.get("loss_pct")
@@ -144,6 +147,24 @@ class History:
             for key in [k for k in self.rings if k not in seen]:
                 if now - self.rings[key].last_time() > self.history_s:
                     del self.rings[key]
+
+    def _ring(self, key: Key) -> Ring:
+        ring = self.rings.get(key)
+        if ring is None or ring.capacity != self.capacity:
+            ring = self.rings[key] = self._resized(ring)
+        return ring
+
+    def event(self, event: Any) -> None:
+        """Take one state-change event (``healthmesh.Event``): a path's transition."""
+        if getattr(event, "type", None) != "path" or not event.path or not event.kind:
+            return
+        self.from_events = True
+        key = (f"{event.cluster}/{event.node}", str(event.path), str(event.role),
+               str(event.kind))
+        ring = self._ring(key)
+        ring.add_transition(parse_time(event.time) or 0.0, str(event.from_), str(event.to),
+                            str(event.reason or ""))
+        ring.last_state = str(event.to)
 
     def _resized(self, old: Ring | None) -> Ring:
         ring = Ring(self.capacity)

@@ -201,3 +201,8 @@ class WebOutput(Output):
     async def state_changed(self, snapshot: Snapshot) -> None:
         # A decided failure shows at once, not at the end of the round (no history point).
         self.store.publish(snapshot, point=False)
+
+    async def events(self, batch: list[Any]) -> None:
+        # Every path transition at its own time, even a flap between two snapshots.
+        for event in batch:
+            self.store.history.event(event)

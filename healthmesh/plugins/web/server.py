@@ -6,11 +6,11 @@ It holds against clients that misbehave, whatever they send:
   connection that has no request in progress (idle keep-alives, half-written heads); only
   when every one is busy is it answered ``503`` and closed.
 - **Deadlines.** A request head must be complete within ``idle_timeout`` of connecting or of
-  the previous answer (bytes trickled in do not extend it: ``408``), and an answer must be
-  read within it, or the connection is dropped. A head over ``max_header_bytes`` gets
-  ``431``; garbage gets ``400``; a request with a body gets ``413`` and the connection
-  closes unread. One request is handled at a time per connection, so pipelining cannot
-  queue answers.
+  the previous answer (bytes trickled in do not extend it: ``408``), and each 256 KiB of
+  an answer must be read within it, or the connection is dropped. A head over
+  ``max_header_bytes`` gets ``431``; garbage gets ``400``; a request with a body gets
+  ``413`` and the connection closes unread. One request is handled at a time per
+  connection, so pipelining cannot queue answers.
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ from loguru import logger
 
 #: Bytes read from a connection at a time.
 READ_SIZE = 65536
+#: Bytes of an answer written at a time, each piece under the idle timeout.
+WRITE_SIZE = 256 * 1024
 
 
 @dataclass
@@ -176,12 +178,15 @@ class Server:
                                                 request.path)
                 response = Response(500, b"internal error; see the agent's log\n",
                                     [(b"content-type", b"text/plain; charset=utf-8")])
-            out = self._encode(h, request.method == "HEAD", response)
-            with anyio.move_on_after(self.idle_timeout) as deadline:
-                await stream.send(out)
-            if deadline.cancelled_caught:
-                self.timed_out += 1
-                return  # the client does not read its answer
+            out = memoryview(self._encode(h, request.method == "HEAD", response))
+            # Each piece must go within the idle timeout: a slow reader of a 10 MB matrix
+            # keeps its connection while it makes progress, one that stops reading loses it.
+            for start in range(0, len(out), WRITE_SIZE):
+                with anyio.move_on_after(self.idle_timeout) as deadline:
+                    await stream.send(out[start:start + WRITE_SIZE])
+                if deadline.cancelled_caught:
+                    self.timed_out += 1
+                    return  # the client does not read its answer
             # The request had no body, so its end is parsed already; take it to start anew.
             if not isinstance(h.next_event(), h11.EndOfMessage):
                 return

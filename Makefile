@@ -20,7 +20,9 @@ VENV310   := .venv310
 PY310_TESTS := tests/test_detection_logic.py tests/test_layering.py \
                tests/test_hostile_plugins.py::test_a_hookimpl_taking_fewer_arguments_than_its_spec_works \
                tests/test_run.py::test_once_json_matches_the_snapshot_schema \
-               tests/test_run.py::test_a_responder_port_in_use_is_a_one_line_error
+               tests/test_run.py::test_a_responder_port_in_use_is_a_one_line_error \
+               tests/test_web.py::test_the_history_ring_is_bounded_and_keeps_transitions \
+               tests/test_web.py::test_the_local_row_fallback_has_the_mesh_shape
 FIND_PY310 := for p in $$(command -v python3.10) $$HOME/.pyenv/versions/3.10*/bin/python3.10; do \
                 [ -x "$$p" ] && "$$p" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 10))' \
                   2>/dev/null && { echo "$$p"; break; }; done

@@ -368,3 +368,59 @@ nodes = [{{name = "slow", addresses = ["127.0.0.2"]}},
     assert code == 0, "".join(other)[-2000:]
     assert took < 5
     assert not any("Traceback" in line for line in other), "".join(other)[-3000:]
+
+
+def test_the_scheduler_reports_itself_degraded_when_the_interval_cannot_be_kept(
+    tmp_path: Path,
+) -> None:
+    """600 peers every 100 ms is more than one agent can probe: the scheduler says so."""
+    from tests.test_api_support import AgentProcess
+
+    sock = tmp_path / "api.sock"
+    nodes = tmp_path / "nodes.json"
+    # Loopback addresses nothing listens on: each probe is refused at once, but there are
+    # 12,000 a second to start (icmp and http).
+    nodes.write_text(json.dumps({"nodes": [
+        {"name": f"p{i}", "addresses": [f"127.3.{i // 250}.{i % 250 + 1}"]} for i in range(600)
+    ]}))
+    agent = AgentProcess(tmp_path, f"""
+[node]
+name = "n1"
+addresses = ["127.0.0.1"]
+[probing]
+interval = "100ms"
+timeout = "100ms"
+confirm_probes = 0
+[responder]
+listen = ["127.0.0.1:0"]
+[probes.http]
+port = 9
+[outputs.api]
+socket = "{sock}"
+[sources.file]
+path = "{nodes}"
+""", socket_path=sock)
+    agent.start()
+    try:
+        agent.wait_serving()
+        deadline = time.monotonic() + 20
+        scheduler: dict[str, object] = {}
+        while time.monotonic() < deadline:
+            with agent.client() as c:
+                comps = c.get("/v1/healthz").json()["components"]
+            scheduler = next(x for x in comps if x["name"] == "scheduler")
+            if scheduler["state"] == "degraded":
+                break
+            time.sleep(0.3)
+        assert scheduler["state"] == "degraded", scheduler
+        message = str(scheduler["message"])
+        assert any(w in message for w in ("late", "skipped", "round took")), message
+        # `status` shows it in the component block (its state may change every round).
+        proc = run_cli("status", "-H", f"unix://{sock}", env={"COLUMNS": "300"})
+        assert proc.returncode == 1, proc.stderr  # the peers are unreachable
+        line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("Scheduler:"))
+        assert "Degraded" in line or "lag p99" in line, line
+    finally:
+        if agent.proc is not None:
+            agent.proc.send_signal(signal.SIGTERM)
+            agent.proc.wait(10)

@@ -64,6 +64,21 @@ class Histogram:
     def count(self) -> int:
         return sum(self.counts)
 
+    def quantile_bound(self, q: float, since: list[int] | None = None) -> float | None:
+        """The bucket bound under which a fraction ``q`` of the observations fall (``inf`` past
+        the last bound; None with no observation); with ``since``, of those made after that
+        copy of ``counts``."""
+        counts = self.counts if since is None else [c - s for c, s in zip(self.counts, since)]
+        total = sum(counts)
+        if total <= 0:
+            return None
+        want, seen = q * total, 0
+        for bound, count in zip(self.bounds, counts):
+            seen += count
+            if seen >= want:
+                return bound
+        return float("inf")
+
 
 class KindCell:
     """Counters of one (kind, role): probes by result, RTT histogram, paths per state."""

@@ -129,6 +129,8 @@ class Responder(Service):
                 listeners.append(Listener(pool, sock))
             self.addresses = [format_listen(*sock.getsockname()[:2]) for sock in socks]
             logger.info("responder listening on {}", ", ".join(self.addresses))
+            if self.context is not None:  # None for `healthmesh responder` alone
+                self.context.report(self, "ok", ", ".join(self.addresses))
             task_status.started()
             await pool.sweep_forever()
         finally:

@@ -90,6 +90,7 @@ class MetricsOutput(Output):
         self.address = (str(addr[0]), int(addr[1]))
         scheme = "https" if self.settings.tls_cert_file else "http"
         logger.info("metrics listening on {}://{}{}", scheme, _fmt(*self.address), METRICS_PATH)
+        self.context.report(self, "ok", f"{scheme}://{_fmt(*self.address)}{METRICS_PATH}")
         task_status.started()
         await self.server.serve(listener)
 

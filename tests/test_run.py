@@ -20,6 +20,8 @@ SCHEMA = json.loads((ROOT / "docs" / "snapshot.schema.json").read_text())
 def loopback_config(tmp_path: Path, port: int, extra_peers: str = "") -> Path:
     """examples/loopback.toml on a free port (so tests never collide with a running demo)."""
     text = (ROOT / "examples" / "loopback.toml").read_text().replace("4240", str(port))
+    # The web page and the metrics on free ports too.
+    text = text.replace("127.0.0.1:9968", "127.0.0.1:0").replace("127.0.0.1:9967", "127.0.0.1:0")
     text += f"\n[probes.http]\nport = {port}\n"
     if extra_peers:
         text = text.replace("nodes = [\n", "nodes = [\n" + extra_peers, 1)

@@ -101,9 +101,11 @@ async def test_a_peer_that_never_answers_holds_the_train_up_by_one_step_only() -
         for r in results[:10])
     assert [r.ok for r in results[10:]] == [i % 2 == 0 for i in range(10)]
     # The live peers were reached ten 2 ms steps after the first silent one, not ten
-    # timeouts later, and still one at a time.
+    # timeouts later, and still one after another: a train starts the next probe on an
+    # answer or 2 ms later, so on a loaded machine an answer slower than 2 ms may overlap
+    # the next probe (at most two open; all ten at once would be a burst).
     assert live.accepted[0] - silent.accepted[0] < 0.2
-    assert live.most_open == 1
+    assert live.most_open <= 2
     assert 0.5 <= took < 1.0
 
 

@@ -92,7 +92,7 @@ async def run_for(sched: Scheduler, seconds: float, paths: list[Path]) -> None:
 async def test_probe_starts_are_spread_evenly_over_the_interval(accept_log: AcceptLog) -> None:
     tcp = TcpProbe(TcpSettings(port=accept_log.port), None)  # type: ignore[arg-type]
     store = StateStore(3, 100)
-    sched = Scheduler(probing(), {"tcp": tcp}, store, seed="me")
+    sched = Scheduler(probing(confirm_probes=0), {"tcp": tcp}, store, seed="me")
     t0 = time.monotonic()
     await run_for(sched, 3.2, peers(20))
     # Round 0 is fast; rounds 1 and 2 pace 20 probes over 1 s: about one every 50 ms.
@@ -100,7 +100,9 @@ async def test_probe_starts_are_spread_evenly_over_the_interval(accept_log: Acce
     assert 36 <= len(steady) <= 42, len(steady)
     gaps = [b - a for a, b in itertools.pairwise(steady)]
     assert sorted(gaps)[len(gaps) // 2] == pytest.approx(0.05, abs=0.015)
-    assert min(gaps) > 0.02, "probes were sent in a burst"
+    # Not a burst: nine gaps in ten over 20 ms (one start delayed by a loaded machine
+    # shortens the gap after it, so the very smallest gap says little).
+    assert sorted(gaps)[len(gaps) // 10] > 0.02, ("probes were sent in a burst", sorted(gaps))
     for addr, times in accept_log.times.items():
         assert len(times) in (3, 4), (addr, times)  # round 0, 1, 2 (and maybe the start of 3)
 

@@ -25,6 +25,7 @@ from healthmesh.core.config import (
     parse_nodes,
 )
 from healthmesh.core.hookspecs import hookimpl
+from healthmesh.core.mesh import cell_state
 from healthmesh.core.model import Node, Path, PathState, ProbeResult, Role, Snapshot
 from healthmesh.core.render import header_line, summary_table
 from healthmesh.core.state import rfc3339
@@ -58,6 +59,7 @@ __all__ = [
     "Snapshot",
     "SourceFeed",
     "__version__",
+    "cell_state",
     "format_duration",
     "header_line",
     "hookimpl",

@@ -27,6 +27,7 @@ from healthmesh.core.config import Config
 from healthmesh.core.health import ComponentHealth
 from healthmesh.core.isolation import ENTER_DEADLINE, IsolatedProbe, LoopWatchdog
 from healthmesh.core.membership import Membership
+from healthmesh.core.mesh import assemble, row_from_snapshot
 from healthmesh.core.model import Node, Snapshot
 from healthmesh.core.plugins import PluginRegistry
 from healthmesh.core.scheduler import RoundInfo, Scheduler
@@ -111,6 +112,8 @@ class Agent:
             on_change=self._state_changed,
         )
         self._changed: anyio.Event | None = None
+        #: Other observers' rows by the source that handed them in (docs/mesh.md).
+        self._rows: dict[str, dict[str, dict[str, Any]]] = {}
         self._last_round: RoundInfo | None = None
         self._round_snapshot: Snapshot | None = None
 
@@ -199,6 +202,31 @@ class Agent:
     def components(self) -> list[dict[str, Any]]:
         """Every component's state: ``{name, state, message, since, restarts}``."""
         return self.health.listing()
+
+    def local_row(self) -> dict[str, Any]:
+        """This agent's row of the mesh matrix (core/mesh.py)."""
+        return row_from_snapshot(self.snapshot().data)
+
+    def publish_rows(self, source: str, rows: dict[str, dict[str, Any]] | None) -> None:
+        """Other observers' rows from ``source`` (replacing its previous ones; None: none)."""
+        if rows is None:
+            self._rows.pop(source, None)
+        else:
+            self._rows[source] = dict(rows)
+
+    def mesh(self) -> dict[str, Any]:
+        """The mesh matrix with its verdicts (docs/mesh.schema.json)."""
+        rows: dict[str, dict[str, Any]] = {}
+        for source_rows in self._rows.values():
+            rows.update(source_rows)
+        heartbeats = {
+            node.id: str(node.info.get("heartbeat", "unknown"))
+            for node in self.membership.nodes()
+        }
+        if self._rows:
+            # The local agent's heartbeat is its own: it is running.
+            heartbeats[self.local_node.id] = "alive"
+        return assemble(self.local_row(), rows, heartbeats, local_only=not self._rows)
 
     def report(self, component: Component | str, state: str, message: str = "") -> None:
         """A component reports its own state ("ok", "degraded" or "failed")."""

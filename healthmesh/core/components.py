@@ -48,6 +48,23 @@ class AgentContext(Protocol):
         last change of state) and ``restarts``."""
         ...
 
+    def mesh(self) -> dict[str, Any]:
+        """The mesh matrix and its verdicts (docs/mesh.schema.json): this agent's row and the
+        rows handed in with ``publish_rows``; ``local_only`` when no source shares rows."""
+        ...
+
+    def local_row(self) -> dict[str, Any]:
+        """This agent's own row: ``{"observer": "c/n", "timestamp": epoch, "cells":
+        {"c/t": {"state", "kinds": {kind: state}, "rtt_ms", "loss_pct", "since"}}}``
+        (``since`` in epoch seconds or None); what a rows source publishes for others."""
+        ...
+
+    def publish_rows(self, source: str, rows: dict[str, dict[str, Any]] | None) -> None:
+        """Hand the agent other observers' rows (by observer id, each shaped as
+        ``local_row()`` returns it, already validated), replacing what ``source`` handed in
+        before; None withdraws them. From then on the matrix is no longer local-only."""
+        ...
+
     def report(self, component: Component | str, state: str, message: str = "") -> None:
         """Report a component's own state: ``context.report(self, "degraded", "why")``.
 

@@ -162,12 +162,16 @@ def assemble(
         "local_only": local_only,
         "observers": observers,
         "targets": targets,
-        "heartbeats": {t: heartbeats.get(t, "unknown") for t in targets},
+        "heartbeats": {t: _heartbeat(heartbeats.get(t)) for t in targets},
         "row_times": {o: rfc3339(all_rows[o].get("timestamp")) for o in observers},
         "cells": cells,
     }
     matrix["verdicts"] = verdicts(matrix)
     return matrix
+
+
+def _heartbeat(value: object) -> str:
+    return value if value in ("alive", "expired") else "unknown"  # type: ignore[return-value]
 
 
 def _cell_json(cell: Mapping[str, Any]) -> Json:
@@ -258,7 +262,8 @@ def verdicts(m: Mapping[str, Any]) -> list[Json]:
         explained |= {(obs, t) for t in failing}
         inbound = v.seen_by(obs)
         cut_in = [o for o in inbound if v.state(o, obs) == UNREACHABLE]
-        both = " and none of the others reaches it" if inbound and len(cut_in) == len(inbound) else ""
+        cut_both = bool(inbound) and len(cut_in) == len(inbound)
+        both = " and none of the others reaches it" if cut_both else ""
         if both:
             explained |= {(o, obs) for o in cut_in}
         out.append(_verdict(
@@ -319,7 +324,7 @@ def verdicts(m: Mapping[str, Any]) -> list[Json]:
             continue
         for kind, other, name in ((HTTP, ICMP, "port-filtered"), (ICMP, HTTP, "icmp-filtered")):
             hit = [o for o in seen if _filtered(v.cell(o, tgt), kind, other)]
-            if len(hit) == len(seen) and len(seen) >= 2 or (len(seen) == 1 and hit):
+            if (len(hit) == len(seen) and len(seen) >= 2) or (len(seen) == 1 and hit):
                 explained |= {(o, tgt) for o in hit}
                 what = "port 4240 (HTTP)" if kind == HTTP else "ICMP echo"
                 out.append(_verdict(
@@ -374,7 +379,8 @@ def verdicts(m: Mapping[str, Any]) -> list[Json]:
             else:
                 why = "both ways" if back == UNREACHABLE else f"({tgt} has no result for {obs})"
                 out.append(_verdict(
-                    "link", sorted([obs, tgt]), corroboration * (1.0 if back == UNREACHABLE else 0.7),
+                    "link", sorted([obs, tgt]),
+                    corroboration * (1.0 if back == UNREACHABLE else 0.7),
                     f"{obs} and {tgt} fail {why}, while {len(tgt_ok)} others reach {tgt} and "
                     f"{len(obs_ok)} reach {obs}",
                     v.since([(obs, tgt), (tgt, obs)]),

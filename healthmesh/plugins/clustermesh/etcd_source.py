@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import anyio
 import msgspec
 from anyio.abc import TaskStatus
 
@@ -15,6 +16,7 @@ from healthmesh.plugins.clustermesh.connection import (
     connection_from,
 )
 from healthmesh.plugins.clustermesh.follower import Follower, Registration
+from healthmesh.plugins.clustermesh.rows import RowPublisher
 from healthmesh.plugins.clustermesh.tables import HealthmeshTable
 
 #: etcd refuses leases shorter than its minimum (about 2 s with default election settings).
@@ -46,6 +48,15 @@ class EtcdSettings(ComponentSettings, kw_only=True):
     password: str | None = None
     #: A file holding the password (relative to the config file), instead of ``password``.
     password_file: str | None = None
+    #: Share this agent's mesh row and read the others' (docs/mesh.md); needs ``register``.
+    rows: bool = True
+    #: Least time between two writes of the row after a change (it grows with the mesh:
+    #: at least N / 100 s, so the mesh writes at most 100 rows per second).
+    rows_min_gap: Duration = Duration(2.0)
+    #: The row is rewritten at least this often, with fresh RTT and loss.
+    rows_refresh: Duration = Duration(60.0)
+    #: Rows larger than this (compressed) are skipped with a warning.
+    rows_max_bytes: int = 1_048_576
 
 
 def check_etcd_settings(settings: EtcdSettings, config: Any) -> None:
@@ -62,6 +73,12 @@ def check_etcd_settings(settings: EtcdSettings, config: Any) -> None:
         raise ValueError("max_value_bytes: must be between 256 and 1572864 (etcd's request limit)")
     if settings.max_keys < 1:
         raise ValueError("max_keys: must be at least 1")
+    if not 0.1 <= settings.rows_min_gap <= 3600:
+        raise ValueError("rows_min_gap: must be between 100ms and 1h")
+    if not settings.rows_min_gap <= settings.rows_refresh <= 86400:
+        raise ValueError("rows_refresh: must be between rows_min_gap and 24h")
+    if not 1024 <= settings.rows_max_bytes <= 1_572_864:
+        raise ValueError("rows_max_bytes: must be between 1024 and 1572864 (etcd's request limit)")
 
 
 class EtcdSource(PeerSource):
@@ -90,6 +107,7 @@ class EtcdSource(PeerSource):
             clusters,
             max_bytes=settings.max_value_bytes,
             exclude=local.id,
+            rows_max_bytes=settings.rows_max_bytes if settings.rows else None,
         )
         self.registration = (
             Registration(local, settings.prefix, float(settings.lease_ttl))
@@ -97,17 +115,42 @@ class EtcdSource(PeerSource):
             else None
         )
         self.follower: Follower | None = None
+        self.publisher = (
+            RowPublisher(
+                context, self.conn, self.registration, settings.prefix,
+                min_gap=float(settings.rows_min_gap), refresh=float(settings.rows_refresh),
+            )
+            if settings.rows and self.registration is not None
+            else None
+        )  # fmt: skip
+
+    def _publish(self, feed: SourceFeed, nodes: list[Any]) -> None:
+        feed.replace(nodes)
+        if self.settings.rows:
+            self.context.publish_rows("sources.etcd", self.table.rows())
 
     async def run(self, feed: SourceFeed, *, task_status: TaskStatus[None]) -> None:
+        if self.publisher is None:
+            await self._follow(feed, task_status.started)
+            return
+        async with anyio.create_task_group() as tg:
+            await tg.start(self._follow_started, feed)
+            tg.start_soon(self.publisher.run)
+            task_status.started()
+
+    async def _follow_started(self, feed: SourceFeed, *, task_status: TaskStatus[None]) -> None:
+        await self._follow(feed, task_status.started)
+
+    async def _follow(self, feed: SourceFeed, ready: Any) -> None:
         self.follower = Follower(
             "sources.etcd",
             self.conn,
             self.table,
-            publish=feed.replace,
+            publish=lambda nodes: self._publish(feed, nodes),
             stale=lambda reason: feed.mark_stale(f"etcd: {reason}"),
             fresh=feed.mark_fresh,
             retry_max=float(self.settings.retry_max),
             max_keys=self.settings.max_keys,
             registration=self.registration,
         )
-        await self.follower.run(ready=task_status.started)
+        await self.follower.run(ready=ready)

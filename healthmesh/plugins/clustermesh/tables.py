@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import zlib
 from collections.abc import Callable, Iterable
+from typing import Any
 
 from loguru import logger
 
@@ -23,6 +24,7 @@ from healthmesh.plugins.clustermesh.records import (
     nodes_prefix,
     split_key,
 )
+from healthmesh.plugins.clustermesh.rows import decode_row, rows_prefix
 
 Decoder = Callable[..., Node]
 
@@ -125,18 +127,59 @@ class NodeTable:
 class HealthmeshTable(NodeTable):
     """healthmesh's layout: ``<prefix>/nodes/v1/<cluster>/<node>`` and leased heartbeats."""
 
-    def __init__(self, label: str, prefix: str, clusters: Iterable[str], **kw: object) -> None:
+    def __init__(
+        self,
+        label: str,
+        prefix: str,
+        clusters: Iterable[str],
+        *,
+        rows_max_bytes: int | None = None,
+        **kw: object,
+    ) -> None:
         super().__init__(label, clusters, **kw)  # type: ignore[arg-type]
         self.watch_prefix = f"{prefix}/"
         self._nodes_prefix = nodes_prefix(prefix)
         self._alive_prefix = alive_prefix(prefix)
         self._alive: set[str] = set()
+        #: Mesh rows (docs/mesh.md) by observer id, kept when ``rows_max_bytes`` is set.
+        self._rows_prefix = rows_prefix(prefix) if rows_max_bytes else None
+        self.rows_max_bytes = rows_max_bytes or 0
+        self._rows: dict[str, dict[str, Any]] = {}
 
     def _load_extra(self) -> None:
         self._alive.clear()
+        self._rows.clear()
+
+    def rows(self) -> dict[str, dict[str, Any]]:
+        """The other observers' rows, by observer id."""
+        return dict(self._rows)
+
+    def _apply_row(self, key: str, value: bytes | None) -> None:
+        assert self._rows_prefix is not None
+        where = split_key(key, self._rows_prefix)
+        if where is None or where[0] not in self.clusters:
+            if value is not None:
+                self._warn(key, value, "not a row of a known cluster")
+            return
+        observer = "/".join(where)
+        if observer == self.exclude:
+            return
+        if value is None:
+            self._rows.pop(observer, None)
+            self._warned.pop(key, None)
+            return
+        try:
+            self._rows[observer] = decode_row(*where, value, max_bytes=self.rows_max_bytes)
+        except BadValue as exc:
+            self._rows.pop(observer, None)  # a bad row never stands for a good one
+            self._warn(key, value, str(exc))
+            return
+        self._warned.pop(key, None)
 
     def apply(self, key: str, value: bytes | None) -> None:
-        if key.startswith(self._nodes_prefix):
+        if self._rows_prefix is not None and key.startswith(self._rows_prefix):
+            self._apply_row(key, value)
+        elif key.startswith(self._nodes_prefix):
             self._apply_node(key, self._nodes_prefix, value, decode_healthmesh)
         elif key.startswith(self._alive_prefix):
             where = split_key(key, self._alive_prefix)

@@ -19,6 +19,7 @@ def register_outputs(register: Callable[[type[Output]], None]) -> None:
 
 @hookimpl
 def register_commands(cli: Any) -> None:
-    from healthmesh.plugins.api.command import status_command
+    from healthmesh.plugins.api.command import mesh_command, status_command
 
     cli.add_command(status_command)
+    cli.add_command(mesh_command)

@@ -7,6 +7,7 @@ import functools
 import signal
 import time
 from collections import deque
+from collections.abc import Callable
 from contextlib import AsyncExitStack
 from typing import Any
 
@@ -112,8 +113,8 @@ class Agent:
             on_change=self._state_changed,
         )
         self._changed: anyio.Event | None = None
-        #: Other observers' rows by the source that handed them in (docs/mesh.md).
-        self._rows: dict[str, dict[str, dict[str, Any]]] = {}
+        #: Readers of other observers' rows, by the source that gave them (docs/mesh.md).
+        self._rows: dict[str, Callable[[], dict[str, dict[str, Any]]]] = {}
         self._last_round: RoundInfo | None = None
         self._round_snapshot: Snapshot | None = None
 
@@ -207,18 +208,23 @@ class Agent:
         """This agent's row of the mesh matrix (core/mesh.py)."""
         return row_from_snapshot(self.snapshot().data)
 
-    def publish_rows(self, source: str, rows: dict[str, dict[str, Any]] | None) -> None:
-        """Other observers' rows from ``source`` (replacing its previous ones; None: none)."""
+    def publish_rows(
+        self, source: str, rows: Callable[[], dict[str, dict[str, Any]]] | None
+    ) -> None:
+        """How to read other observers' rows from ``source`` (replacing; None: none)."""
         if rows is None:
             self._rows.pop(source, None)
         else:
-            self._rows[source] = dict(rows)
+            self._rows[source] = rows
 
     def mesh(self) -> dict[str, Any]:
         """The mesh matrix with its verdicts (docs/mesh.schema.json)."""
         rows: dict[str, dict[str, Any]] = {}
-        for source_rows in self._rows.values():
-            rows.update(source_rows)
+        for source, read in list(self._rows.items()):
+            try:
+                rows.update(read())
+            except Exception as exc:  # a source's bug costs its rows, not the API
+                logger.error("{}: reading mesh rows failed: {}", source, _describe(exc))
         heartbeats = {
             node.id: str(node.info.get("heartbeat", "unknown"))
             for node in self.membership.nodes()

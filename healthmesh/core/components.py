@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import anyio
@@ -59,10 +59,14 @@ class AgentContext(Protocol):
         (``since`` in epoch seconds or None); what a rows source publishes for others."""
         ...
 
-    def publish_rows(self, source: str, rows: dict[str, dict[str, Any]] | None) -> None:
-        """Hand the agent other observers' rows (by observer id, each shaped as
-        ``local_row()`` returns it, already validated), replacing what ``source`` handed in
-        before; None withdraws them. From then on the matrix is no longer local-only."""
+    def publish_rows(
+        self, source: str, rows: Callable[[], dict[str, dict[str, Any]]] | None
+    ) -> None:
+        """Give the agent a way to read other observers' rows: ``rows()`` returns them by
+        observer id, each shaped as ``local_row()`` returns it and already validated; the
+        agent calls it each time the matrix is built (so a source may decode lazily).
+        Replaces what ``source`` gave before; None withdraws it. From then on the matrix
+        is no longer local-only."""
         ...
 
     def report(self, component: Component | str, state: str, message: str = "") -> None:

@@ -50,6 +50,9 @@ class EtcdSettings(ComponentSettings, kw_only=True):
     password_file: str | None = None
     #: Share this agent's mesh row and read the others' (docs/mesh.md); needs ``register``.
     rows: bool = True
+    #: Read the other agents' rows (false: publish only; this agent's matrix is then its own
+    #: row, and it is spared the watch traffic of every row write — docs/mesh.md, at scale).
+    rows_read: bool = True
     #: Least time between two writes of the row after a change (it grows with the mesh:
     #: at least N / 100 s, so the mesh writes at most 100 rows per second).
     rows_min_gap: Duration = Duration(2.0)
@@ -107,7 +110,8 @@ class EtcdSource(PeerSource):
             clusters,
             max_bytes=settings.max_value_bytes,
             exclude=local.id,
-            rows_max_bytes=settings.rows_max_bytes if settings.rows else None,
+            rows_max_bytes=settings.rows_max_bytes if settings.rows and settings.rows_read
+            else None,
         )
         self.registration = (
             Registration(local, settings.prefix, float(settings.lease_ttl))
@@ -120,16 +124,17 @@ class EtcdSource(PeerSource):
                 context, self.conn, self.registration, settings.prefix,
                 min_gap=float(settings.rows_min_gap), refresh=float(settings.rows_refresh),
             )
+            # (An agent core without the mesh matrix has no local_row: no rows then.)
             if settings.rows and self.registration is not None
+            and callable(getattr(context, "local_row", None))
             else None
         )  # fmt: skip
 
-    def _publish(self, feed: SourceFeed, nodes: list[Any]) -> None:
-        feed.replace(nodes)
-        if self.settings.rows:
-            self.context.publish_rows("sources.etcd", self.table.rows())
-
     async def run(self, feed: SourceFeed, *, task_status: TaskStatus[None]) -> None:
+        if (self.settings.rows and self.settings.rows_read
+                and callable(getattr(self.context, "publish_rows", None))):
+            # The agent asks for the rows when the matrix is wanted; decoding waits till then.
+            self.context.publish_rows("sources.etcd", self.table.rows)
         if self.publisher is None:
             await self._follow(feed, task_status.started)
             return
@@ -146,7 +151,7 @@ class EtcdSource(PeerSource):
             "sources.etcd",
             self.conn,
             self.table,
-            publish=lambda nodes: self._publish(feed, nodes),
+            publish=feed.replace,
             stale=lambda reason: feed.mark_stale(f"etcd: {reason}"),
             fresh=feed.mark_fresh,
             retry_max=float(self.settings.retry_max),

@@ -34,6 +34,8 @@ class NodeTable:
 
     #: The prefix to load and watch.
     watch_prefix: str
+    #: Where the watched range ends (excluded) when not at the end of the prefix.
+    watch_end: str | None = None
 
     def __init__(
         self,
@@ -141,18 +143,42 @@ class HealthmeshTable(NodeTable):
         self._nodes_prefix = nodes_prefix(prefix)
         self._alive_prefix = alive_prefix(prefix)
         self._alive: set[str] = set()
-        #: Mesh rows (docs/mesh.md) by observer id, kept when ``rows_max_bytes`` is set.
+        #: Mesh rows (docs/mesh.md) by observer id, kept when ``rows_max_bytes`` is set:
+        #: stored as written and decoded only when the matrix is asked for (a watch event
+        #: costs no decoding: every agent sees every row's writes).
         self._rows_prefix = rows_prefix(prefix) if rows_max_bytes else None
         self.rows_max_bytes = rows_max_bytes or 0
-        self._rows: dict[str, dict[str, Any]] = {}
+        self._rows: dict[str, tuple[str, bytes]] = {}  # observer -> (key, value)
+        self._decoded: dict[str, tuple[bytes, dict[str, Any]]] = {}
+        if self._rows_prefix is None:
+            # Not reading rows: leave them out of the load and the watch altogether (they
+            # sort after nodes/v1/, which sorts after alive/v1/).
+            self.watch_end = self._nodes_prefix[:-1] + "0"
 
     def _load_extra(self) -> None:
         self._alive.clear()
         self._rows.clear()
 
     def rows(self) -> dict[str, dict[str, Any]]:
-        """The other observers' rows, by observer id."""
-        return dict(self._rows)
+        """The other observers' valid rows, by observer id (decoded now, or cached)."""
+        out: dict[str, dict[str, Any]] = {}
+        for observer, (key, value) in list(self._rows.items()):
+            cached = self._decoded.get(observer)
+            if cached is not None and cached[0] is value:
+                out[observer] = cached[1]
+                continue
+            cluster, name = observer.split("/", 1)
+            try:
+                row = decode_row(cluster, name, value, max_bytes=self.rows_max_bytes)
+            except BadValue as exc:
+                self._decoded.pop(observer, None)
+                self._warn(key, value, str(exc))
+                continue
+            self._decoded[observer] = (value, row)
+            out[observer] = row
+        for gone in set(self._decoded) - set(self._rows):
+            del self._decoded[gone]
+        return out
 
     def _apply_row(self, key: str, value: bytes | None) -> None:
         assert self._rows_prefix is not None
@@ -164,17 +190,14 @@ class HealthmeshTable(NodeTable):
         observer = "/".join(where)
         if observer == self.exclude:
             return
-        if value is None:
-            self._rows.pop(observer, None)
-            self._warned.pop(key, None)
-            return
-        try:
-            self._rows[observer] = decode_row(*where, value, max_bytes=self.rows_max_bytes)
-        except BadValue as exc:
+        if value is None or len(value) > self.rows_max_bytes:
             self._rows.pop(observer, None)  # a bad row never stands for a good one
-            self._warn(key, value, str(exc))
+            self._warned.pop(key, None)
+            if value is not None:
+                self._warn(key, value, f"row is {len(value)} bytes, larger than rows_max_bytes "
+                                       f"({self.rows_max_bytes})")
             return
-        self._warned.pop(key, None)
+        self._rows[observer] = (key, value)
 
     def apply(self, key: str, value: bytes | None) -> None:
         if self._rows_prefix is not None and key.startswith(self._rows_prefix):

@@ -125,6 +125,14 @@ def lossy(lab: EtcdLab, h: Host, p: float) -> None:
     rule(lab, h, "INPUT", f"-i eth0 {stat}", (6,))
 
 
+def test_a_steady_mesh_writes_no_row_until_the_refresh(lab: EtcdLab) -> None:
+    etcd = lab.etcd["etcd"]
+    before = [row_version(etcd, h) for h in lab.hosts]
+    assert all(before)
+    time.sleep(5)
+    assert [row_version(etcd, h) for h in lab.hosts] == before
+
+
 def test_node_down_all_its_traffic_dropped(lab: EtcdLab) -> None:
     h1, _, h3, _ = lab.hosts
     t0 = time.monotonic()
@@ -230,6 +238,12 @@ def test_twenty_percent_loss_on_one_host_is_degraded(lab: EtcdLab) -> None:
 
 
 def test_no_verdict_on_a_healthy_mesh_at_five_percent_loss(lab: EtcdLab) -> None:
+    etcd = lab.etcd["etcd"]
+
+    def writes() -> int:
+        return sum(row_version(etcd, h) for h in lab.hosts)
+
+    before, t0 = writes(), time.monotonic()
     for h in lab.hosts:
         lossy(lab, h, 0.05)
     t_end = time.monotonic() + SOAK
@@ -246,5 +260,18 @@ def test_no_verdict_on_a_healthy_mesh_at_five_percent_loss(lab: EtcdLab) -> None
                     assert c["state"] == "reachable", f"{h.name}: {c}"
                     worst = max(worst, c["loss_pct"] or 0.0)
         time.sleep(0.5)
-    print(f"{polls} polls over {SOAK:g}s, no verdict; worst cell loss {worst:.1f}%")
+    rate = (writes() - before) / (time.monotonic() - t0)
+    print(f"{polls} polls over {SOAK:g}s, no verdict; worst cell loss {worst:.1f}%; "
+          f"row writes {rate:.2f}/s for the 4 agents")
     assert worst > 0  # the loss was really there
+    # Each agent writes at most once per rows_min_gap, whatever its loss bands do.
+    assert rate <= 4 / ROWS_GAP
+
+
+def row_version(etcd: Any, h: Host) -> int:
+    """How many times the host's row key was written since it was created."""
+    import base64
+
+    key = base64.b64encode(f"healthmesh/rows/v1/default/{h.name}".encode()).decode()
+    kvs = etcd.call("/v3/kv/range", {"key": key}).get("kvs", [])
+    return int(kvs[0]["version"]) if kvs else 0

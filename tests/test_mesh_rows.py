@@ -227,10 +227,16 @@ def test_two_agents_share_rows_ignore_a_bad_one_and_write_little(
     m = wait_matrix(a, full)
     assert "Traceback" not in log
 
-    # The agent b stops cleanly: its heartbeat is revoked and its row goes with it.
+    # The agent b stops cleanly: its heartbeat is revoked and its row goes with it; its
+    # address answers nothing more (the only kind here is http): node down. (For the moment
+    # between the heartbeat's end and the first failed probe, it is "agent-down".)
     b.stop()
-    m = wait_matrix(a, lambda m: m["observers"] == ["default/a"] and m["verdicts"], 15)
-    assert [(v["kind"], v["subject"]) for v in m["verdicts"]] == [("node-down", "default/b")]
+
+    def down(m: dict[str, Any]) -> bool:
+        got = [(v["kind"], v["subject"]) for v in m["verdicts"]]
+        return m["observers"] == ["default/a"] and got == [("node-down", "default/b")]
+
+    m = wait_matrix(a, down, 15)
     assert m["heartbeats"]["default/b"] == "expired"
     out = run_cli("mesh", "-H", f"unix://{a.socket_path}")
     assert out.returncode == 1 and "node b is down" in out.stdout, out.stdout
@@ -277,3 +283,38 @@ def _b64(text: str) -> str:
     import base64
 
     return base64.b64encode(text.encode()).decode()
+
+
+def test_an_agent_that_does_not_read_rows_leaves_them_out_of_its_watch() -> None:
+    from healthmesh.plugins.clustermesh.tables import HealthmeshTable
+
+    reading = HealthmeshTable("t", "healthmesh", {"default"}, max_bytes=65536,
+                              rows_max_bytes=1 << 20)
+    assert reading.watch_end is None
+    table = HealthmeshTable("t", "healthmesh", {"default"}, max_bytes=65536)
+    end = table.watch_end
+    assert end is not None
+    for key in ("healthmesh/alive/v1/default/a", "healthmesh/nodes/v1/default/a",
+                "healthmesh/nodes/v1/c/" + "z" * 200):
+        assert table.watch_prefix <= key < end
+    assert not "healthmesh/rows/v1/default/a" < end
+    # And a row under the prefix is ignored, whatever it holds.
+    table.apply("healthmesh/rows/v1/default/a", b"junk")
+    assert table.rows() == {}
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ('rows_min_gap = "10ms"', "sources.etcd.rows_min_gap: must be between 100ms and 1h"),
+        ('rows_refresh = "1s"', "sources.etcd.rows_refresh: must be between rows_min_gap"),
+        ("rows_max_bytes = 10", "sources.etcd.rows_max_bytes: must be between 1024"),
+    ],
+)
+def test_row_settings_are_checked(tmp_path: Path, line: str, message: str) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[node]\nname = "a"\naddresses = ["127.0.0.1"]\n[sources.etcd]\n'
+                   f'endpoints = ["http://127.0.0.1:2379"]\n{line}\n')
+    out = run_cli("config", "check", "-c", str(cfg))
+    assert out.returncode == 2 and message in out.stderr, out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1

@@ -115,6 +115,7 @@ class Agent:
         self._changed: anyio.Event | None = None
         #: Readers of other observers' rows, by the source that gave them (docs/mesh.md).
         self._rows: dict[str, Callable[[], dict[str, dict[str, Any]]]] = {}
+        self._mesh_limiter: anyio.CapacityLimiter | None = None  # made on the loop
         self._last_round: RoundInfo | None = None
         self._round_snapshot: Snapshot | None = None
 
@@ -219,12 +220,20 @@ class Agent:
 
     def mesh(self) -> dict[str, Any]:
         """The mesh matrix with its verdicts (docs/mesh.schema.json)."""
-        rows: dict[str, dict[str, Any]] = {}
-        for source, read in list(self._rows.items()):
-            try:
-                rows.update(read())
-            except Exception as exc:  # a source's bug costs its rows, not the API
-                logger.error("{}: reading mesh rows failed: {}", source, _describe(exc))
+        return self._assemble(*self._mesh_inputs())
+
+    async def mesh_async(self) -> dict[str, Any]:
+        """``mesh()``, with the heavy part (decoding rows, the N×N matrix, the verdicts)
+        in a worker thread, one at a time: a large mesh never blocks the agent's loop (the
+        responder, the probes). The local row and heartbeats are read on the loop."""
+        inputs = self._mesh_inputs()
+        if self._mesh_limiter is None:
+            self._mesh_limiter = anyio.CapacityLimiter(1)
+        return await anyio.to_thread.run_sync(
+            self._assemble, *inputs, limiter=self._mesh_limiter
+        )
+
+    def _mesh_inputs(self) -> tuple[dict[str, Any], dict[str, str], list[Any]]:
         heartbeats = {
             node.id: str(node.info.get("heartbeat", "unknown"))
             for node in self.membership.nodes()
@@ -232,7 +241,19 @@ class Agent:
         if self._rows:
             # The local agent's heartbeat is its own: it is running.
             heartbeats[self.local_node.id] = "alive"
-        return assemble(self.local_row(), rows, heartbeats, local_only=not self._rows)
+        return self.local_row(), heartbeats, list(self._rows.items())
+
+    @staticmethod
+    def _assemble(
+        local: dict[str, Any], heartbeats: dict[str, str], readers: list[Any]
+    ) -> dict[str, Any]:
+        rows: dict[str, dict[str, Any]] = {}
+        for source, read in readers:
+            try:
+                rows.update(read())
+            except Exception as exc:  # a source's bug costs its rows, not the API
+                logger.error("{}: reading mesh rows failed: {}", source, _describe(exc))
+        return assemble(local, rows, heartbeats, local_only=not readers)
 
     def report(self, component: Component | str, state: str, message: str = "") -> None:
         """A component reports its own state ("ok", "degraded" or "failed")."""

@@ -260,6 +260,9 @@ class ApiApp:
 
     async def mesh(self, request: Request) -> Answer:
         """The mesh matrix and its verdicts (docs/mesh.schema.json)."""
+        build = getattr(self.context, "mesh_async", None)
+        if build is not None:  # built off the agent's loop
+            return Answer(200, encode(await build()))
         source = getattr(self.context, "mesh", None)
         if source is None:  # an agent (core) without the mesh matrix
             raise HttpError(404, "this agent does not build the mesh matrix")

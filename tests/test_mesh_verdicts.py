@@ -260,3 +260,11 @@ def test_verdicts_of_a_schema_valid_matrix_are_stable_json() -> None:
     m = matrix(4, {(1, 3): DOWN, (3, 1): DOWN})
     again = verdicts(json.loads(json.dumps(m)))
     assert again == m["verdicts"]
+
+
+def test_degraded_in_a_large_mesh_uses_the_median_of_all_cells() -> None:
+    n = 80  # above EXCLUDE_UP_TO: the usual is the median of every cell
+    loss = {(i, 7): 25.0 for i in range(1, n + 1)} | {(7, j): 25.0 for j in range(1, n + 1)}
+    m = matrix(n, loss=loss, base_loss=2.0, validate=False)
+    assert kinds_of(m) == [("degraded", "c/n7")]
+    assert "the mesh's usual is 2.0%" in m["verdicts"][0]["evidence"]

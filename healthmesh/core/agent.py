@@ -116,6 +116,7 @@ class Agent:
         #: Readers of other observers' rows, by the source that gave them (docs/mesh.md).
         self._rows: dict[str, Callable[[], dict[str, dict[str, Any]]]] = {}
         self._mesh_limiter: anyio.CapacityLimiter | None = None  # made on the loop
+        self._indirect: dict[str, dict[str, Any]] = {}
         self._last_round: RoundInfo | None = None
         self._round_snapshot: Snapshot | None = None
 
@@ -220,7 +221,7 @@ class Agent:
 
     def mesh(self) -> dict[str, Any]:
         """The mesh matrix with its verdicts (docs/mesh.schema.json)."""
-        return self._assemble(*self._mesh_inputs())
+        return self._assemble(*self._mesh_inputs(), self._indirect)
 
     async def mesh_async(self) -> dict[str, Any]:
         """``mesh()``, with the heavy part (decoding rows, the N×N matrix, the verdicts)
@@ -230,8 +231,36 @@ class Agent:
         if self._mesh_limiter is None:
             self._mesh_limiter = anyio.CapacityLimiter(1)
         return await anyio.to_thread.run_sync(
-            self._assemble, *inputs, limiter=self._mesh_limiter
+            self._assemble, *inputs, self._indirect, limiter=self._mesh_limiter
         )
+
+    def publish_indirect(self, results: dict[str, dict[str, Any]]) -> None:
+        """Indirect probe results by target (shown in the matrix and the evidence)."""
+        self._indirect = dict(results)
+
+    async def probe_node(self, node_id: str, timeout: float) -> dict[str, bool]:
+        """Probe a member's host paths now with every kind (for indirect probes)."""
+        node = next((n for n in self.membership.nodes() if n.id == node_id), None)
+        if node is None:
+            raise KeyError(node_id)
+        paths = node.paths(host=True, endpoint=False)
+        out: dict[str, bool] = {}
+
+        async def one(kind: str, probe: Probe, path: Any) -> None:
+            ok = False
+            with anyio.move_on_after(timeout + 0.5):
+                try:
+                    ok = (await probe.probe(path, timeout)).ok
+                except Exception:
+                    ok = False
+            out[kind] = out.get(kind, False) or ok
+
+        async with anyio.create_task_group() as tg:
+            for kind, probe in list(self.probes.items()):
+                for path in paths:
+                    if probe.supports(path):
+                        tg.start_soon(one, kind, probe, path)
+        return out
 
     def _mesh_inputs(self) -> tuple[dict[str, Any], dict[str, str], list[Any]]:
         heartbeats = {
@@ -245,7 +274,10 @@ class Agent:
 
     @staticmethod
     def _assemble(
-        local: dict[str, Any], heartbeats: dict[str, str], readers: list[Any]
+        local: dict[str, Any],
+        heartbeats: dict[str, str],
+        readers: list[Any],
+        indirect: dict[str, dict[str, Any]],
     ) -> dict[str, Any]:
         rows: dict[str, dict[str, Any]] = {}
         for source, read in readers:
@@ -253,7 +285,7 @@ class Agent:
                 rows.update(read())
             except Exception as exc:  # a source's bug costs its rows, not the API
                 logger.error("{}: reading mesh rows failed: {}", source, _describe(exc))
-        return assemble(local, rows, heartbeats, local_only=not readers)
+        return assemble(local, rows, heartbeats, local_only=not readers, indirect=indirect)
 
     def report(self, component: Component | str, state: str, message: str = "") -> None:
         """A component reports its own state ("ok", "degraded" or "failed")."""

@@ -69,6 +69,16 @@ class AgentContext(Protocol):
         is no longer local-only."""
         ...
 
+    async def probe_node(self, node_id: str, timeout: float) -> dict[str, bool]:
+        """Probe a member's host paths now with every kind: ``{kind: reached by some path}``;
+        KeyError when ``node_id`` is not a member. (For indirect probes, docs/mesh.md.)"""
+        ...
+
+    def publish_indirect(self, results: dict[str, dict[str, Any]]) -> None:
+        """Indirect probe results, by target: ``{"asked": [ids], "reached": [ids],
+        "failed": [ids]}``; shown in the matrix and in the verdicts' evidence."""
+        ...
+
     def report(self, component: Component | str, state: str, message: str = "") -> None:
         """Report a component's own state: ``context.report(self, "degraded", "why")``.
 

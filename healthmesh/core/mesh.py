@@ -137,6 +137,7 @@ def assemble(
     *,
     local_only: bool,
     now: float | None = None,
+    indirect: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> Json:
     """The mesh JSON (docs/mesh.schema.json): every row, every target, and the verdicts.
 
@@ -167,6 +168,19 @@ def assemble(
         "cells": cells,
     }
     matrix["verdicts"] = verdicts(matrix)
+    if indirect:
+        # What other agents answered when this one asked them to probe (SWIM's ping-req).
+        matrix["indirect"] = {
+            t: {k: sorted(str(x) for x in r.get(k, [])) for k in ("asked", "reached", "failed")}
+            for t, r in indirect.items()
+            if t in wanted
+        }
+        for d in matrix["verdicts"]:
+            for s in _subjects(d):
+                r = matrix["indirect"].get(s)
+                if r and r["asked"]:
+                    d["evidence"] += (f"; indirect probes: {len(r['reached'])}/{len(r['asked'])}"
+                                      f" helpers reach {s}")
     return matrix
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -16,6 +17,7 @@ from healthmesh.plugins.clustermesh.connection import (
     connection_from,
 )
 from healthmesh.plugins.clustermesh.follower import Follower, Registration
+from healthmesh.plugins.clustermesh.indirect import IndirectProber, IndirectServer
 from healthmesh.plugins.clustermesh.rows import RowPublisher
 from healthmesh.plugins.clustermesh.tables import HealthmeshTable
 
@@ -60,6 +62,15 @@ class EtcdSettings(ComponentSettings, kw_only=True):
     rows_refresh: Duration = Duration(60.0)
     #: Rows larger than this (compressed) are skipped with a warning.
     rows_max_bytes: int = 1_048_576
+    #: Indirect probes (docs/mesh.md): ask this many other agents to probe each target this
+    #: agent finds unreachable (0: off; 2 is a good value). Needs ``indirect_secret_file``.
+    indirect_k: int = 0
+    #: The TCP port every agent answers indirect probe requests on (on its node addresses).
+    indirect_port: int = 4241
+    #: A file holding the shared secret (at least 16 bytes) that signs requests and answers.
+    indirect_secret_file: str | None = None
+    #: Requests answered per second per caller address (bursts of twice as many).
+    indirect_rate: float = 5.0
 
 
 def check_etcd_settings(settings: EtcdSettings, config: Any) -> None:
@@ -82,6 +93,36 @@ def check_etcd_settings(settings: EtcdSettings, config: Any) -> None:
         raise ValueError("rows_refresh: must be between rows_min_gap and 24h")
     if not 1024 <= settings.rows_max_bytes <= 1_572_864:
         raise ValueError("rows_max_bytes: must be between 1024 and 1572864 (etcd's request limit)")
+    check_indirect(settings, config)
+
+
+def check_indirect(settings: EtcdSettings, config: Any) -> None:
+    """The ``indirect_*`` keys: off, or a secret file, a port and a rate."""
+    if not 0 <= settings.indirect_k <= 16:
+        raise ValueError("indirect_k: must be between 0 (off) and 16")
+    if not 1 <= settings.indirect_port <= 65535:
+        raise ValueError("indirect_port: must be between 1 and 65535")
+    if not 0.1 <= settings.indirect_rate <= 1000:
+        raise ValueError("indirect_rate: must be between 0.1 and 1000")
+    if settings.indirect_k == 0:
+        return
+    if not settings.register or not settings.rows:
+        raise ValueError("indirect_k: needs register = true and rows = true")
+    if settings.indirect_secret_file is None:
+        raise ValueError("indirect_secret_file: required when indirect_k is set")
+    path = secret_path(settings, config.path)
+    try:
+        secret = open(path, "rb").read().strip()
+    except OSError as exc:
+        raise ValueError(f"indirect_secret_file: {path}: {exc.strerror}") from None
+    if len(secret) < 16:
+        raise ValueError(f"indirect_secret_file: {path}: the secret must be at least 16 bytes")
+
+
+def secret_path(settings: EtcdSettings, config_path: str) -> str:
+    """The secret file, relative to the config file."""
+    p = Path(settings.indirect_secret_file or "")
+    return str(p if p.is_absolute() else Path(config_path).resolve().parent / p)
 
 
 class EtcdSource(PeerSource):
@@ -141,7 +182,27 @@ class EtcdSource(PeerSource):
         async with anyio.create_task_group() as tg:
             await tg.start(self._follow_started, feed)
             tg.start_soon(self.publisher.run)
+            if self.settings.indirect_k > 0:
+                await self._start_indirect(tg)
             task_status.started()
+
+    async def _start_indirect(self, tg: Any) -> None:
+        """Serve members' indirect probe requests and ask k helpers about failing targets."""
+        s = self.settings
+        secret = Path(secret_path(s, self.context.config.path)).read_bytes().strip()
+        timeout = float(self.context.config.probing.timeout)
+        self.indirect_server = IndirectServer(
+            secret, self.table.nodes, self.context.probe_node, rate=s.indirect_rate,
+            timeout=timeout,
+        )  # fmt: skip
+        for addr in self.context.local_node.addresses:
+            listener = await anyio.create_tcp_listener(local_host=addr, local_port=s.indirect_port)
+            tg.start_soon(listener.serve, self.indirect_server.handle)
+        self.indirect_prober = IndirectProber(
+            self.context, secret, self.table.nodes, k=s.indirect_k, port=s.indirect_port,
+            timeout=timeout, interval=float(self.context.config.probing.interval),
+        )  # fmt: skip
+        tg.start_soon(self.indirect_prober.run)
 
     async def _follow_started(self, feed: SourceFeed, *, task_status: TaskStatus[None]) -> None:
         await self._follow(feed, task_status.started)

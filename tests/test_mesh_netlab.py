@@ -42,7 +42,14 @@ SCHEMA = json.loads((ROOT / "docs" / "mesh.schema.json").read_text())
 
 
 def sections(host: Host, lab: EtcdLab) -> str:
-    return etcd_section(host, lab) + f'\nrows_min_gap = "{ROWS_GAP:g}s"\n'
+    secret = lab.data_dir / "indirect.secret"
+    secret.write_text("a shared secret of the lab's agents\n")
+    return etcd_section(host, lab) + "\n".join([
+        "",
+        f'rows_min_gap = "{ROWS_GAP:g}s"',
+        "indirect_k = 2",  # every unreachable target is also asked about to two others
+        f'indirect_secret_file = "{secret}"',
+    ]) + "\n"  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -149,6 +156,10 @@ def test_node_down_all_its_traffic_dropped(lab: EtcdLab) -> None:
     assert took <= HEARTBEAT_BOUND
     assert found(m) == {("node-down", json.dumps(nid(h3)))}
     assert "heartbeat expired" in m["verdicts"][0]["evidence"]
+    # h1 asked two others to probe h3 (SWIM's ping-req): neither reaches it.
+    m, _ = wait_mesh(lab, h1, lambda m: "indirect probes: 0/2 helpers reach default/h3"
+                     in " ".join(v["evidence"] for v in m["verdicts"]), INTERVAL * 2 + 5)
+    assert m["indirect"][nid(h3)]["failed"] == sorted([nid(lab.hosts[1]), nid(lab.hosts[3])])
 
 
 def test_agent_down_host_up(lab: EtcdLab) -> None:
@@ -177,6 +188,10 @@ def test_one_link_cut_both_directions_and_the_mesh_command(lab: EtcdLab) -> None
     lab.drop(h1, h3, both=True)
     expect(lab, h2, "link", [nid(h1), nid(h3)], NET_BOUND, t0)
     wait_mesh(lab, h1, lambda m: found(m) == {("link", json.dumps([nid(h1), nid(h3)]))}, 10)
+    # h1 asked the two others about h3: both reach it, so the fault is the link.
+    m, _ = wait_mesh(lab, h1, lambda m: "indirect probes: 2/2 helpers reach default/h3"
+                     in " ".join(v["evidence"] for v in m["verdicts"]), INTERVAL * 2 + 5)
+    assert m["indirect"][nid(h3)]["reached"] == [nid(h2), nid(lab.hosts[3])]
     out = subprocess.run(
         [sys.executable, "-m", "healthmesh", "mesh", "-H", f"unix://{h1.socket}"],
         capture_output=True, text=True, timeout=30, cwd=ROOT,

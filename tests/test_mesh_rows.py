@@ -309,9 +309,15 @@ def test_an_agent_that_does_not_read_rows_leaves_them_out_of_its_watch() -> None
         ('rows_min_gap = "10ms"', "sources.etcd.rows_min_gap: must be between 100ms and 1h"),
         ('rows_refresh = "1s"', "sources.etcd.rows_refresh: must be between rows_min_gap"),
         ("rows_max_bytes = 10", "sources.etcd.rows_max_bytes: must be between 1024"),
+        ("indirect_k = 2", "sources.etcd.indirect_secret_file: required when indirect_k"),
+        ('indirect_k = 2\nindirect_secret_file = "nope"', "nope: No such file or directory"),
+        ('indirect_k = 2\nindirect_secret_file = "short"', "the secret must be at least 16"),
+        ("indirect_k = 99", "sources.etcd.indirect_k: must be between 0 (off) and 16"),
+        ("indirect_k = 2\nrows = false", "indirect_k: needs register = true and rows = true"),
     ],
 )
 def test_row_settings_are_checked(tmp_path: Path, line: str, message: str) -> None:
+    (tmp_path / "short").write_text("tiny\n")
     cfg = tmp_path / "c.toml"
     cfg.write_text('[node]\nname = "a"\naddresses = ["127.0.0.1"]\n[sources.etcd]\n'
                    f'endpoints = ["http://127.0.0.1:2379"]\n{line}\n')

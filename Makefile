@@ -6,9 +6,10 @@ BIN    := $(VENV)/bin
 # drive: namespaces and firewall rules, fping and
 # ApacheBench for side-by-side benchmarks, etcd for the membership tests, openssl for the
 # certificates of the etcd TLS and https check tests, dnsmasq as the real DNS server of the
-# dns check tests.
+# dns check tests, prometheus
+# (with promtool) for the metrics tests.
 SYSTEM_PACKAGES := python3-venv iproute2 iptables fping apache2-utils etcd-server etcd-client \
-                   procps openssl dnsmasq
+                   procps openssl dnsmasq prometheus
 
 # Python 3.10 is the oldest supported version: `make test` also runs these fast unit tests
 # (no root, network namespaces or etcd) on it, in .venv310. The interpreter is python3.10

@@ -18,17 +18,22 @@ from healthmesh.core.components import (
 )
 from healthmesh.core.config import (
     ConfigError,
+    ConfigPath,
     Duration,
     IPAddress,
     Name,
     Settings,
+    check_against_local,
+    config_relative,
     parse_nodes,
 )
+from healthmesh.core.events import Event, EventLog, Gap
 from healthmesh.core.hookspecs import hookimpl
 from healthmesh.core.mesh import cell_state
 from healthmesh.core.model import Node, Path, PathState, ProbeResult, Role, Snapshot
 from healthmesh.core.render import header_line, summary_table
 from healthmesh.core.state import rfc3339
+from healthmesh.core.telemetry import Histogram, Telemetry
 from healthmesh.core.timestamps import SO_TIMESTAMPNS, kernel_receive_ns
 from healthmesh.core.units import format_duration, parse_duration
 
@@ -42,7 +47,12 @@ __all__ = [
     "CheckUnavailable",
     "ComponentSettings",
     "ConfigError",
+    "ConfigPath",
     "Duration",
+    "Event",
+    "EventLog",
+    "Gap",
+    "Histogram",
     "IPAddress",
     "Name",
     "Node",
@@ -58,8 +68,11 @@ __all__ = [
     "Settings",
     "Snapshot",
     "SourceFeed",
+    "Telemetry",
     "__version__",
     "cell_state",
+    "check_against_local",
+    "config_relative",
     "format_duration",
     "header_line",
     "hookimpl",

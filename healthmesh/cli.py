@@ -71,7 +71,8 @@ def config_option(help_text: str) -> Any:
         "--config",
         "config_path",
         required=True,
-        type=click.Path(dir_okay=False),
+        # Not click.Path's checks: load_config reports every unusable file in one line.
+        type=click.Path(readable=False),
         help=help_text,
     )
 

@@ -50,6 +50,8 @@ def case_strategy() -> st.SearchStrategy:
     strategies = []
     for result in schema.get_all_operations():
         op = result.ok()
+        if op.path == "/v1/events":
+            continue  # a stream that does not end: tests/test_events_api.py covers its queries
         strategies.append(op.as_strategy(GenerationMode.POSITIVE))
         if list(op.iter_parameters()):
             strategies.append(op.as_strategy(GenerationMode.NEGATIVE))

@@ -42,7 +42,8 @@ def test_defaults_come_from_probing_and_the_no_flap_rule() -> None:
         (DNS + "colour = 1\n", "checks.cluster-dns.colour: unknown key"),
         ('[checks.x]\nkind = "dns"\n', "checks.x.names: required key is missing"),
         (DNS + 'interval = "1ms"\n', "checks.cluster-dns.interval: must be between 100ms and 24h"),
-        (DNS + 'interval = "25h"\n', "checks.cluster-dns.interval: must be between 100ms and 24h"),
+        (DNS + 'interval = "25h"\n',
+         "checks.cluster-dns.interval: '25h' is longer than the limit of 24h"),
         (DNS + 'timeout = "5s"\n', "checks.cluster-dns.timeout: must not exceed the check's "
                                    "interval"),
         (DNS + 'interval = "5m"\ntimeout = "2m"\n', "checks.cluster-dns.timeout: must be between"),

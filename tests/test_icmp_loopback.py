@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 from collections.abc import AsyncIterator
 
@@ -73,6 +74,7 @@ async def test_a_burst_reports_sent_received_and_loss() -> None:
 async def test_thousands_of_concurrent_probes_share_one_socket_per_family(
     probe: IcmpProbe,
 ) -> None:
+    gc.collect()  # sockets an earlier in-process test dropped are closed now, not mid-count
     fds_before = len(os.listdir("/proc/self/fd"))
     addresses = [f"127.1.{i // 250}.{i % 250 + 1}" for i in range(2000)] + ["::1"] * 50
     results: list[ProbeResult | None] = [None] * len(addresses)
@@ -84,7 +86,7 @@ async def test_thousands_of_concurrent_probes_share_one_socket_per_family(
         async with anyio.create_task_group() as tg:
             for i in range(len(addresses)):
                 tg.start_soon(one, i)
-    assert len(os.listdir("/proc/self/fd")) == fds_before  # no socket per probe
+    assert len(os.listdir("/proc/self/fd")) <= fds_before  # no socket per probe
     failed = [(a, r.error) for a, r in zip(addresses, results) if r is None or not r.ok]
     assert failed == []
     assert probe.counters.replies >= len(addresses)

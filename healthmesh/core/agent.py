@@ -25,6 +25,7 @@ from healthmesh.core.components import (
     Service,
 )
 from healthmesh.core.config import Config
+from healthmesh.core.events import EventLog, StateEvents, feed_output
 from healthmesh.core.health import ComponentHealth
 from healthmesh.core.isolation import ENTER_DEADLINE, IsolatedProbe, LoopWatchdog
 from healthmesh.core.membership import Membership
@@ -34,6 +35,8 @@ from healthmesh.core.plugins import PluginRegistry
 from healthmesh.core.scheduler import RoundInfo, Scheduler
 from healthmesh.core.snapshot import build_snapshot
 from healthmesh.core.state import StateStore
+from healthmesh.core.telemetry import Telemetry
+from healthmesh.core.units import format_duration
 
 #: Bound on clean-up work at shutdown, so SIGTERM ends the agent within 2 s.
 SHUTDOWN_BOUND = 1.5
@@ -55,6 +58,20 @@ RESTART_WINDOW = 60.0
 #: batch after this much settling time.
 CHANGE_GAP = 0.1
 CHANGE_SETTLE = 0.02
+
+
+#: Probes starting later than this (p99 since the last check) make the scheduler ``degraded``.
+SCHEDULER_LAG_LIMIT = 0.1
+#: The scheduler's health is judged this often (or once per interval when that is longer).
+SCHEDULER_CHECK_EVERY = 2.0
+
+
+def _bound_text(bound: float | None) -> str:
+    if bound is None:
+        return "-"
+    if bound == float("inf"):
+        return "> 5s"
+    return f"≤ {bound * 1000:g}ms" if bound < 1 else f"≤ {bound:g}s"
 
 
 class StartupError(Exception):
@@ -85,14 +102,18 @@ class Agent:
             labels=dict(n.labels),
         )
         p = config.probing
-        self.store = StateStore(p.failure_threshold, p.window)
+        self.telemetry = Telemetry(p.timeout)  # counters for the metrics output
+        self.store = StateStore(p.failure_threshold, p.window, self.telemetry)
         self.membership = Membership(self.local_node, on_change=self._membership_changed)
+        self.telemetry.primary_of = self.membership.is_primary
         self.probes: dict[str, Probe] = {}
         self.sources: list[PeerSource] = []
         self.outputs: list[Output] = []
         self.services: list[Service] = []
         self.console: Output | None = None
-        self.health = ComponentHealth()
+        ev = config.core.events
+        self.events = EventLog(self.local_node.id, ring=ev.ring, buffer=ev.buffer)
+        self.health = ComponentHealth(on_change=self._component_changed)
         self.watchdog = LoopWatchdog()
         self._exit_code = 0
         self._stopping = False
@@ -100,6 +121,13 @@ class Agent:
         #: (so that outputs are still closed after it).
         self._scope: anyio.CancelScope | None = None
         self._build(console)
+        self._transitions = StateEvents(
+            self.events,
+            self.membership.nodes,
+            lambda node: self.membership.paths_of(node, host=p.host, endpoint=p.endpoint),
+            self.store,
+            lambda: self.probes,
+        )
         self.scheduler = Scheduler(
             p,
             self.probes,
@@ -107,11 +135,15 @@ class Agent:
             seed=self.local_node.id,
             on_round=self._round_completed,
             on_change=self._state_changed,
+            on_transition=self._transitions.path_changed,
         )
         self.checks = CheckRunner(
             build_entries(config.checks, registry.check_kinds, self, p.window),
             on_change=self._state_changed,
         )
+        self.health.set("scheduler", "ok", "starting")
+        self._lag_seen: list[int] | None = None
+        self._skipped_seen = (0, 0)
         self._changed: anyio.Event | None = None
         #: Readers of other observers' rows, by the source that gave them (docs/mesh.md).
         self._rows: dict[str, Callable[[], dict[str, dict[str, Any]]]] = {}
@@ -160,6 +192,14 @@ class Agent:
             self.console.to_console = True
             self.outputs.append(self.console)
 
+    def _component_changed(self, name: str, old: str, new: str, message: str) -> None:
+        """A component's state changed: a ``component`` event (docs/events.md)."""
+        n = self.local_node
+        self.events.emit(
+            "component", node=n.name, cluster=n.cluster, from_=old, to=new,
+            reason=message or ("started" if old == "absent" else new), component=name,
+        )
+
     # -- AgentContext -------------------------------------------------------------------
 
     def snapshot(self) -> Snapshot:
@@ -184,6 +224,9 @@ class Agent:
         components = getattr(self, "components", None)
         if callable(components):
             extra.setdefault("components", components())
+        stats = {o.name: st for o in self.outputs if (st := o.stats()) is not None}
+        if stats:
+            extra["outputs"] = stats
         return build_snapshot(
             self.membership,
             self.store,
@@ -320,13 +363,54 @@ class Agent:
             for path in self.membership.paths_of(node, host=p.host, endpoint=p.endpoint)
         ]
         self.scheduler.set_paths(paths)
+        self._transitions.membership_changed()
         # Live outputs (the API) show added and removed nodes now, not at the end of a round.
         self._state_changed()
 
     async def _round_completed(self, rnd: RoundInfo) -> None:
         self._last_round = rnd
+        self.telemetry.round_finished(rnd.duration)
         logger.debug("round {} finished in {:.3f}s", rnd.number, rnd.duration or 0.0)
         await self._hand_to_outputs("round_completed", self.snapshot())
+
+    async def _watch_scheduler(self) -> None:
+        """Judge the scheduler's own health every few seconds (not per round: a scheduler
+        that cannot keep up finishes no rounds)."""
+        every = max(SCHEDULER_CHECK_EVERY, self.config.probing.interval)
+        while True:
+            await anyio.sleep(every)
+            self._check_scheduler()
+
+    def _check_scheduler(self) -> None:
+        """How late probes started since the last check (p99), whether rounds keep the
+        interval, whether work was skipped: the ``scheduler`` component's state."""
+        lag = self.telemetry.lag
+        p99 = lag.quantile_bound(0.99, self._lag_seen)
+        self._lag_seen = list(lag.counts)
+        sched = self.scheduler
+        skipped = sched.skipped - self._skipped_seen[0]
+        skipped_rounds = sched.skipped_rounds - self._skipped_seen[1]
+        self._skipped_seen = (sched.skipped, sched.skipped_rounds)
+        p = self.config.probing
+        rnd = sched.last_round
+        parts = [f"lag p99 {_bound_text(p99)}"]
+        if rnd is not None and rnd.duration is not None:
+            parts.append(f"round {format_duration(round(rnd.duration, 3))}")
+        problems = []
+        if p99 is not None and p99 > SCHEDULER_LAG_LIMIT:
+            problems.append(f"probes start late (p99 {_bound_text(p99)})")
+        bound = sched.round_duration_bound + 1.0
+        if rnd is not None and rnd.duration is not None and rnd.duration > bound:
+            problems.append(
+                f"a round took {rnd.duration:.1f}s for a {format_duration(p.interval)} interval"
+            )
+        if skipped or skipped_rounds:
+            problems.append(f"{skipped} probes and {skipped_rounds} rounds skipped: the "
+                            "interval cannot be kept (too many peers, or the loop is blocked)")
+        if problems:
+            self.health.set("scheduler", "degraded", "; ".join(problems))
+        else:
+            self.health.set("scheduler", "ok", ", ".join(parts))
 
     async def _hand_to_outputs(self, method: str, snap: Snapshot) -> None:
         """Call ``method(snap)`` on every output; a slow or failing one does not stop the rest."""
@@ -412,8 +496,14 @@ class Agent:
                     for out in self.outputs:
                         await tg.start(self._start, out.section_for(), out.run)
                     tg.start_soon(self._publish_changes)
+                    tg.start_soon(self._watch_scheduler)
                     # Checks run in their own tasks: started, never waited for.
                     await tg.start(self.checks.run)
+                    for out in self.outputs:
+                        if type(out).events is not Output.events:  # only outputs that want them
+                            tg.start_soon(functools.partial(
+                                feed_output, self.events, out, timeout=self.config.probing.interval
+                            ))
                 for src in self.sources:
                     feed = self.membership.feed(src.name)
                     await tg.start(self._start_source, src, feed)
@@ -501,7 +591,10 @@ class Agent:
 
         def on_started() -> None:
             nonlocal first
-            self.health.set(name, "ok")
+            # Keep what the component said about itself while starting ("listening on ...").
+            cur = self.health.get(name)
+            keep = cur is not None and cur.state == "ok"
+            self.health.set(name, "ok", cur.message if keep and cur is not None else "")
             if first:
                 first = False
                 task_status.started()

@@ -13,6 +13,8 @@ from healthmesh.core.model import Node, Path, ProbeResult, Snapshot
 
 if TYPE_CHECKING:
     from healthmesh.core.config import Config
+    from healthmesh.core.events import Event, EventLog
+    from healthmesh.core.telemetry import Telemetry
 
 
 class ComponentSettings(Settings):
@@ -28,6 +30,8 @@ class AgentContext(Protocol):
     local_node: Node
     started_at: float  # wall clock
     once: bool  # True under ``run --once``: one round, no long-running services
+    events: EventLog  # state-change events: ``events.follow(after_seq)``, ``events.seq``
+    telemetry: Telemetry  # counters of results, state changes, lag, rounds, responses
 
     def snapshot(self) -> Snapshot:
         """The current state of every node, as a snapshot."""
@@ -215,6 +219,20 @@ class Output(Component):
         NDJSON and table consoles) ignore it; live views (the API, metrics) should serve it,
         so that a failure is reported when it is decided rather than at the end of the round.
         """
+        return None
+
+    async def events(self, batch: list[Event]) -> None:
+        """Called with every state-change event, in order, in batches (a burst at once).
+
+        Only for outputs that override it, each from its own task: a slow output delays
+        only its own events. A call is cut off after ``[probing] interval`` (that batch is
+        then lost to this output); an exception is logged and the next batch still comes.
+        Queue the events and return; deliver them from ``run``.
+        """
+        return None
+
+    def stats(self) -> dict[str, Any] | None:
+        """Counters shown in the snapshot under ``outputs.<name>`` (None: nothing to show)."""
         return None
 
     async def close(self, snapshot: Snapshot) -> None:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextvars
+import errno
 import ipaddress
 import os
 import re
 import socket
+import stat
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path as FsPath
@@ -21,7 +24,16 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
+#: A config file larger than this is refused before it is read (a real one is a few KB).
 MAX_CONFIG_BYTES = 4 * 1024 * 1024
+#: No duration in a config may be longer: past a day a value is a typo, and huge ones
+#: ("99999999999999999999h") overflow the timers they feed.
+MAX_DURATION = 86_400.0
+#: Lower bounds of the probing cadence: below them probes cannot even be started in time.
+MIN_INTERVAL = 0.1
+MIN_TIMEOUT = 0.001
+MAX_RATE = 1_000_000.0
+MAX_FAILURE_THRESHOLD = 10_000
 NAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,251}[A-Za-z0-9])?$")
 
 
@@ -44,12 +56,41 @@ class Name(str):
     """A node or cluster name: letters, digits, '.', '_' and '-', at most 253 characters."""
 
 
+class ConfigPath(str):
+    """A filesystem path in a config; a relative one is taken relative to the config file's
+    directory (not the agent's working directory), e.g. ``sources.file.path``."""
+
+
+#: The directory relative ConfigPath values are resolved against while a section is converted.
+_BASE_DIR: contextvars.ContextVar[str | None] = contextvars.ContextVar("base_dir", default=None)
+
+
+def config_relative(path: str | os.PathLike[str], config_path: str | os.PathLike[str]) -> str:
+    """``path`` made absolute against the directory of the config file ``config_path``
+    (the directory of the file a symlinked config points to), as ``ConfigPath`` fields are."""
+    text = os.fspath(path)
+    if os.path.isabs(text):
+        return text
+    return os.path.normpath(os.path.join(FsPath(config_path).resolve().parent, text))
+
+
 def _dec_hook(typ: type, value: Any) -> Any:
     if typ is Duration:
         if not isinstance(value, str):
             raise ValueError(f'expected a duration string such as "30s", got {value!r}')
         seconds = parse_duration(value)
+        if not seconds <= MAX_DURATION:
+            raise ValueError(f"{value!r} is longer than the limit of 24h")
         return Duration(seconds)
+    if typ is ConfigPath:
+        if not isinstance(value, str):
+            raise ValueError(f"expected a path string, got {value!r}")
+        if not value or "\0" in value:
+            raise ValueError("must be a non-empty path without NUL")
+        base = _BASE_DIR.get()
+        if base is not None and not os.path.isabs(value):
+            value = os.path.normpath(os.path.join(base, value))
+        return ConfigPath(value)
     if typ is IPAddress:
         if not isinstance(value, str):
             raise ValueError(f"expected an IP address string, got {value!r}")
@@ -78,12 +119,19 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """Base class of every config section: unknown keys are an error."""
 
 
-def convert(data: Any, typ: type, where: str) -> Any:
-    """Validate ``data`` into ``typ``; ValidationError text is reworded to name ``where``."""
+def convert(data: Any, typ: type, where: str, *, config_path: str | None = None) -> Any:
+    """Validate ``data`` into ``typ``; ValidationError text is reworded to name ``where``.
+
+    With ``config_path``, relative ``ConfigPath`` values become relative to its directory.
+    """
+    base = None if config_path is None else str(FsPath(config_path).resolve().parent)
+    token = _BASE_DIR.set(base)
     try:
         return msgspec.convert(data, typ, dec_hook=_dec_hook)
     except msgspec.ValidationError as exc:
         raise ConfigError(_reword(str(exc), where)) from None
+    finally:
+        _BASE_DIR.reset(token)
 
 
 def to_builtins(settings: Any) -> Any:
@@ -156,6 +204,16 @@ class PluginSettings(Settings):
     disable: list[str] = msgspec.field(default_factory=list)
 
 
+class EventSettings(Settings):
+    """``[events]``: the ring of state-change events kept for replay, and follower buffers."""
+
+    #: Events kept in memory for ``/v1/events?since=`` replay.
+    ring: int = 10_000
+    #: Events a follower (an API stream, an output) may fall behind before it is cut from
+    #: the live feed and has to catch up from the ring.
+    buffer: int = 1_000
+
+
 class CoreSettings(Settings):
     """The sections the core itself owns."""
 
@@ -163,9 +221,10 @@ class CoreSettings(Settings):
     probing: ProbingSettings = msgspec.field(default_factory=ProbingSettings)
     log: LogSettings = msgspec.field(default_factory=LogSettings)
     plugins: PluginSettings = msgspec.field(default_factory=PluginSettings)
+    events: EventSettings = msgspec.field(default_factory=EventSettings)
 
 
-CORE_SECTIONS = ("node", "probing", "log", "plugins")
+CORE_SECTIONS = ("node", "probing", "log", "plugins", "events")
 CONTAINER_SECTIONS = ("probes", "sources", "outputs")
 LOG_LEVELS = ("TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL")
 
@@ -215,21 +274,68 @@ class Config:
 def load_raw(path: str | os.PathLike[str]) -> RawConfig:
     """Read and parse a TOML file and validate the core sections."""
     name = str(path)
+    return parse_raw(read_config_file(name), name)
+
+
+def read_config_file(name: str, limit: int = MAX_CONFIG_BYTES) -> str:
+    """The text of the regular file ``name``, at most ``limit`` bytes; ConfigError otherwise.
+
+    Opened non-blocking and checked with fstat before reading, so a FIFO, a device such as
+    /dev/zero or a directory is refused at once instead of hanging or filling memory.
+    """
     try:
-        fs = FsPath(path)
-        size = fs.stat().st_size
-        if size > MAX_CONFIG_BYTES:
-            raise ConfigError(f"{name}: file is {size} bytes; the limit is {MAX_CONFIG_BYTES}")
-        text = fs.read_bytes().decode("utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"{name}: no such file") from None
-    except IsADirectoryError:
-        raise ConfigError(f"{name}: is a directory, not a config file") from None
-    except PermissionError:
-        raise ConfigError(f"{name}: permission denied") from None
+        fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ConfigError(f"{name}: {_os_problem(exc)}") from None
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise ConfigError(f"{name}: is a directory, not a config file")
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError(f"{name}: not a regular file ({_file_kind(st.st_mode)})")
+        if st.st_size > limit:
+            raise ConfigError(f"{name}: file is {st.st_size} bytes; the limit is {limit}")
+        chunks: list[bytes] = []
+        size = 0
+        while size <= limit:  # the file may grow between fstat and read
+            chunk = os.read(fd, min(1 << 20, limit + 1 - size))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        if size > limit:
+            raise ConfigError(f"{name}: file is larger than the limit of {limit} bytes")
+        return b"".join(chunks).decode("utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{name}: {_os_problem(exc)}") from None
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{name}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    return parse_raw(text, name)
+    finally:
+        os.close(fd)
+
+
+def _os_problem(exc: OSError) -> str:
+    words = {
+        errno.ENOENT: "no such file",
+        errno.EISDIR: "is a directory, not a config file",
+        errno.EACCES: "permission denied",
+        errno.EPERM: "permission denied",
+        errno.ELOOP: "too many levels of symbolic links (a symlink loop?)",
+        errno.ENOTDIR: "not a directory: a component of the path is a file",
+    }
+    return words.get(exc.errno or 0) or (exc.strerror or str(exc)).lower()
+
+
+def _file_kind(mode: int) -> str:
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISCHR(mode):
+        return "a character device"
+    if stat.S_ISBLK(mode):
+        return "a block device"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "not a plain file"
 
 
 def parse_raw(text: str, name: str = "<config>") -> RawConfig:
@@ -257,17 +363,32 @@ def _check_core(raw: RawConfig) -> None:
     n = raw.core.node
     if p.failure_threshold is None:
         p.failure_threshold = p.confirm_probes + 1
+    # Written as "not low <= x <= high" so that NaN fails too.
     checks = [
-        (p.interval <= 0, "probing.interval: must be greater than zero"),
-        (p.timeout <= 0, "probing.timeout: must be greater than zero"),
+        (not p.interval >= MIN_INTERVAL, "probing.interval: must be at least 100ms"),
+        (not p.timeout >= MIN_TIMEOUT, "probing.timeout: must be at least 1ms"),
         (p.timeout > p.interval, "probing.timeout: must not exceed probing.interval"),
-        (p.failure_threshold < 1, "probing.failure_threshold: must be at least 1"),
+        # Before failure_threshold, whose default derives from it.
         (not 0 <= p.confirm_probes <= 100, "probing.confirm_probes: must be between 0 and 100"),
-        (p.confirm_spacing < 0, "probing.confirm_spacing: must not be negative"),
+        (
+            not 1 <= p.failure_threshold <= MAX_FAILURE_THRESHOLD,
+            f"probing.failure_threshold: must be between 1 and {MAX_FAILURE_THRESHOLD}",
+        ),
+        (
+            not 0 <= p.confirm_spacing <= p.interval,
+            "probing.confirm_spacing: must be between 0s and probing.interval",
+        ),
         (not 0 <= p.jitter <= 0.5, "probing.jitter: must be between 0 and 0.5"),
         (not 0 <= p.tick <= 1.0, "probing.tick: must be between 0s and 1s"),
-        (p.max_rate <= 0, "probing.max_rate: must be greater than zero"),
+        (
+            not 1 <= p.max_rate <= MAX_RATE,
+            f"probing.max_rate: must be between 1 and {MAX_RATE:g} probes per second",
+        ),
         (not 2 <= p.window <= 100_000, "probing.window: must be between 2 and 100000"),
+        (not 10 <= raw.core.events.ring <= 1_000_000,
+         "events.ring: must be between 10 and 1000000"),
+        (not 10 <= raw.core.events.buffer <= 100_000,
+         "events.buffer: must be between 10 and 100000"),
         (not n.addresses, "node.addresses: at least one address of this node is required"),
         (len(set(n.addresses)) != len(n.addresses), "node.addresses: duplicate address"),
         (
@@ -296,13 +417,14 @@ class NodeSpec(Settings, kw_only=True):
 def parse_nodes(data: Any, where: str) -> list[Any]:
     """Validate a list of node tables into ``Node`` objects; errors name ``where[i].key``.
 
-    Duplicate names (within a cluster), nodes without addresses and duplicate addresses
-    within a node are errors.
+    Duplicate names (within a cluster), nodes without addresses and an address listed twice
+    (within a node or across nodes) are errors.
     """
     from healthmesh.core.model import Node
 
     specs = convert(data, list[NodeSpec], where)
     seen: dict[tuple[str, str], int] = {}
+    owner: dict[str, int] = {}  # address -> index of the node that lists it first
     nodes: list[Node] = []
     for i, spec in enumerate(specs):
         key = (spec.cluster, spec.name)
@@ -317,6 +439,14 @@ def parse_nodes(data: Any, where: str) -> list[Any]:
             values = getattr(spec, field_name)
             if len(set(values)) != len(values):
                 raise ConfigError(f"{where}[{i}].{field_name}: duplicate address")
+        for field_name in ("addresses", "health_addresses"):
+            for j, address in enumerate(getattr(spec, field_name)):
+                first = owner.setdefault(str(address), i)
+                if first != i:
+                    raise ConfigError(
+                        f"{where}[{i}].{field_name}[{j}]: address {address} is also listed "
+                        f"by {where}[{first}] ({specs[first].name!r})"
+                    )
         nodes.append(
             Node(
                 name=str(spec.name),
@@ -327,3 +457,31 @@ def parse_nodes(data: Any, where: str) -> list[Any]:
             )
         )
     return nodes
+
+
+def check_against_local(
+    nodes: list[Any], local: NodeSettings, where: str, *, allow_self: bool = False
+) -> None:
+    """Refuse peers that are this node in disguise: its name, or one of its addresses.
+
+    For node lists of the config itself (``sources.static``, a file source at start-up);
+    ``where[i]`` indexes ``nodes``. With ``allow_self``, an entry that is exactly this node
+    (its name and its addresses: a node list shared by every agent) is accepted. Sources
+    read at run time warn instead (core/membership.py).
+    """
+    own = {str(a) for a in (*local.addresses, *local.health_addresses)}
+    for i, node in enumerate(nodes):
+        if node.name == local.name and node.cluster == local.cluster:
+            if allow_self and set(node.addresses) == {str(a) for a in local.addresses}:
+                continue
+            raise ConfigError(
+                f"{where}[{i}].name: {node.name!r} is this node's own name ([node] name); "
+                "a node does not list itself as a peer"
+            )
+        for field_name in ("addresses", "health_addresses"):
+            for j, address in enumerate(getattr(node, field_name)):
+                if address in own:
+                    raise ConfigError(
+                        f"{where}[{i}].{field_name}[{j}]: {address} is an address of this "
+                        f"node ([node] addresses), not of peer {node.name!r}"
+                    )

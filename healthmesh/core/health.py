@@ -8,6 +8,7 @@ serves the list (``AgentContext.components()``) and every snapshot carries it.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -44,8 +45,12 @@ class ComponentState:
 class ComponentHealth:
     """The registry of component states, keyed by component name (its config section)."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_change: Callable[[str, str, str, str], None] | None = None) -> None:
         self._states: dict[str, ComponentState] = {}
+        #: Called as ``on_change(name, old, new, message)`` on every change of a state, and
+        #: with ``old = "absent"`` when a component is first recorded (the agent turns these
+        #: into ``component`` events).
+        self.on_change = on_change
 
     def set(self, name: str, state: str, message: str = "") -> None:
         """Record ``name``'s state; ``since`` moves only when the state changes."""
@@ -55,14 +60,25 @@ class ComponentHealth:
         cur = self._states.get(name)
         if cur is None:
             self._states[name] = ComponentState(name, state, message, time.time())  # type: ignore[arg-type]
+            self._changed(name, "absent", state, message)
             return
         if cur.state != state:
             level = "INFO" if state == "ok" else "WARNING"
             logger.log(level, "component {}: {} -> {}{}", name, cur.state, state,
                        f": {message}" if message else "")
+            old = cur.state
             cur.state = state  # type: ignore[assignment]
             cur.since = time.time()
+            self._changed(name, old, state, message)
         cur.message = message
+
+    def _changed(self, name: str, old: str, new: str, message: str) -> None:
+        if self.on_change is None:
+            return
+        try:
+            self.on_change(name, old, new, message)
+        except Exception as exc:  # reporting a state must never fail the component
+            logger.error("component {}: state change not recorded: {}", name, exc)
 
     def restarted(self, name: str) -> None:
         """Count one restart of ``name``."""

@@ -50,6 +50,7 @@ class Membership:
     _merged: dict[str, Node] = field(default_factory=dict)
     _origin: dict[str, str] = field(default_factory=dict)
     _paths: dict[tuple[Node, bool, bool], list[Path]] = field(default_factory=dict)
+    _conflicts: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         self._merged = {self.local.id: self.local}
@@ -89,18 +90,49 @@ class Membership:
         st.stale, st.reason = False, None
 
     def _merge(self) -> None:
-        merged: dict[str, Node] = {self.local.id: self.local}
-        origin: dict[str, str] = {self.local.id: "local"}
+        """Merge every source's nodes, warning (once) about peers that look wrong.
+
+        A node with this node's name is dropped (it cannot be shown beside this node); a
+        peer listing an address of this node or of a node merged earlier is kept (it is
+        probed as listed) but named in a warning. Sources are read at run time, so this
+        never raises: static configs get these checks as errors instead (config.py).
+        """
+        local = self.local
+        merged: dict[str, Node] = {local.id: local}
+        origin: dict[str, str] = {local.id: "local"}
+        taken = {a: local.id for a in (*local.addresses, *local.health_addresses)}
+        conflicts: list[str] = []
         for source, table in self._by_source.items():
             for node_id, node in table.items():
+                if node_id == local.id:
+                    # A source that lists every node (etcd) lists this one too: fine as long
+                    # as it is really this node.
+                    if set(node.addresses) != set(local.addresses):
+                        conflicts.append(
+                            f"source {source}: node {node_id} has this node's name but "
+                            f"addresses {', '.join(node.addresses)}; ignored"
+                        )
+                    continue
                 if node_id in merged:
                     if origin[node_id] != source and self._origin.get(node_id) != origin[node_id]:
                         logger.debug(
                             "node {} from {} shadowed by {}", node_id, source, origin[node_id]
                         )
                     continue
+                for address in (*node.addresses, *node.health_addresses):
+                    owner = taken.setdefault(address, node_id)
+                    if owner != node_id:
+                        whose = "this node" if owner == local.id else f"node {owner}"
+                        conflicts.append(
+                            f"source {source}: node {node_id} lists {address}, also an address "
+                            f"of {whose}"
+                        )
                 merged[node_id] = node
                 origin[node_id] = source
+        for message in conflicts:
+            if message not in self._conflicts:  # once per conflict, not once per merge
+                logger.warning("{}", message)
+        self._conflicts = set(conflicts)
         changed = merged != self._merged or any(
             merged[k].labels != self._merged[k].labels for k in merged if k in self._merged
         )
@@ -117,6 +149,14 @@ class Membership:
                 self._paths.clear()  # drop entries of nodes that changed or left
             cached = self._paths[key] = node.paths(host=host, endpoint=endpoint)
         return cached
+
+    def is_primary(self, key: tuple[str, str, str]) -> bool:
+        """Whether the path ``(node id, address, role)`` is its node's first of its role."""
+        node = self._merged.get(key[0])
+        if node is None:
+            return True
+        addresses = node.addresses if key[2] == "host" else node.health_addresses
+        return bool(addresses) and addresses[0] == key[1]
 
     def nodes(self) -> list[Node]:
         """Every node, the local one first, the rest ordered by cluster and name."""

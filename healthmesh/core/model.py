@@ -112,7 +112,7 @@ class ProbeResult:
 
 @dataclass
 class Snapshot:
-    """The agent's view at one moment, in the JSON shape of DESIGN.md §3."""
+    """The agent's view at one moment, in the JSON shape of docs/snapshot.schema.json."""
 
     data: dict[str, Any]
 

@@ -32,7 +32,7 @@ def resolve(raw: RawConfig, registry: PluginRegistry, *, need_peers: bool = True
         if data is not None and not isinstance(data, dict):
             raise raw.error(f"{section}: must be a table, got {type(data).__name__}")
         try:
-            settings = convert(data or {}, reg.cls.Settings, section)
+            settings = convert(data or {}, reg.cls.Settings, section, config_path=raw.path)
         except ConfigError as exc:
             raise raw.error(str(exc)) from None
         validate = getattr(reg.cls, "validate_settings", None)

@@ -6,6 +6,12 @@ allows, so results exist seconds after start). A failure starts ``confirm_probes
 re-probes ``confirm_spacing`` apart, so a dead path is settled in about a second instead
 of after ``failure_threshold`` whole intervals. Slots added mid-round are probed promptly
 (rate-capped); removed slots stop at once.
+
+Whatever the settings, the work in flight stays bounded: a slot never has more than
+``MAX_SCHEDULED`` scheduled probes running (a probe due while they run is skipped and
+counted, not queued), its re-probes are capped at ``confirm_probes``, rounds start at
+least ``MIN_ROUND_GAP`` apart, and at most ``MAX_OPEN_ROUNDS`` rounds wait for results
+(missed rounds are skipped, never caught up).
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 from anyio.abc import TaskGroup, TaskStatus
 from loguru import logger
 
@@ -32,6 +39,15 @@ from healthmesh.core.units import format_duration
 SlotKey = tuple[tuple[str, str, str], str]
 #: Extra time a probe gets past its timeout before the scheduler cancels it.
 GRACE = 0.1
+#: Scheduled probes of one slot that may run at once: two, so that a probe taking its
+#: whole timeout (= interval) never makes the next round skip the slot.
+MAX_SCHEDULED = 2
+#: Re-probes of one slot in flight at once, whatever ``confirm_probes`` says.
+MAX_CONFIRMING = 100
+#: Rounds started but not finished; past this the round loop waits (skipping rounds).
+MAX_OPEN_ROUNDS = 8
+#: Rounds start at least this far apart, even when a (programmatic) interval is shorter.
+MIN_ROUND_GAP = 0.01
 
 
 @dataclass(eq=False)
@@ -44,6 +60,8 @@ class Slot:
     every: int = 1  # probed in one round out of ``every`` (nodes with a longer interval)
     confirming: bool = False
     removed: bool = False
+    scheduled: int = 0  # scheduled probes in flight (rounds, prompt walks, probe_all)
+    reprobes: int = 0  # confirmation re-probes in flight
 
     @functools.cached_property
     def key(self) -> SlotKey:
@@ -78,6 +96,8 @@ class Scheduler:
         seed: str = "",
         on_round: Callable[[RoundInfo], Awaitable[None]] | None = None,
         on_change: Callable[[], None] | None = None,
+        on_transition: Callable[[Path, str, PathState, PathState, ProbeResult], None]
+        | None = None,
     ) -> None:
         self.probing = probing
         self.probes = probes
@@ -87,6 +107,8 @@ class Scheduler:
         #: Called (synchronously) whenever a path changes state, so reports need not wait
         #: for the end of the round.
         self.on_change = on_change
+        #: Called (synchronously) with (path, kind, old, new, result) for every change.
+        self.on_transition = on_transition
         self.slots: dict[SlotKey, Slot] = {}
         self.rounds: list[RoundInfo] = []
         self.completed_rounds = 0
@@ -96,6 +118,13 @@ class Scheduler:
         self._prompt_event = anyio.Event()
         self._inflight: dict[SlotKey, int] = {}
         self._idle_waiters: list[tuple[set[SlotKey], anyio.Event]] = []
+        #: Probes not started because the slot was still busy (scheduled or re-probes).
+        self.skipped = 0
+        #: Round starts skipped because earlier rounds had not finished.
+        self.skipped_rounds = 0
+        self._round_finished = anyio.Event()
+        self._on_round_busy = False
+        self._on_round_next: RoundInfo | None = None
 
     # -- membership ---------------------------------------------------------------------
 
@@ -150,8 +179,9 @@ class Scheduler:
             if not rounds:
                 await anyio.sleep_forever()
             number = 0
-            interval = self.probing.interval
+            interval = max(self.probing.interval, MIN_ROUND_GAP)
             while True:
+                await self._wait_for_open_rounds(interval)
                 start = anyio.current_time()
                 order = sorted(
                     (
@@ -172,6 +202,23 @@ class Scheduler:
                 self._check_rounds()
                 number += 1
                 await _sleep_until(start + interval)
+                # Always let other tasks run between rounds, even when the walk overran.
+                await anyio.lowlevel.checkpoint()
+
+    async def _wait_for_open_rounds(self, interval: float) -> None:
+        """Hold the next round while ``MAX_OPEN_ROUNDS`` rounds wait for results.
+
+        The rounds missed meanwhile are counted in ``skipped_rounds`` and not caught up.
+        """
+        if len(self.rounds) < MAX_OPEN_ROUNDS:
+            return
+        since = anyio.current_time()
+        while len(self.rounds) >= MAX_OPEN_ROUNDS:
+            await self._round_finished.wait()
+        missed = int((anyio.current_time() - since) / interval)
+        if missed:
+            self.skipped_rounds += missed
+            logger.debug("{} rounds skipped: earlier rounds were still open", missed)
 
     async def _walk(
         self, order: list[Slot], start: float, spacing: float, rnd: RoundInfo | None
@@ -210,6 +257,7 @@ class Scheduler:
         while i < n:
             due = due_slots[i][0]
             await _sleep_until(due)
+            self.store.telemetry.started_late(anyio.current_time() - due)
             horizon = max(anyio.current_time(), due) + tick
             batch: list[Slot] = []
             while i < n and due_slots[i][0] < horizon:
@@ -228,10 +276,20 @@ class Scheduler:
             await self._walk(batch, anyio.current_time(), gap, None)
 
     def _launch_batch(self, slots: list[Slot], rnd: RoundInfo | None) -> None:
-        """Start probes of ``slots``: one task per batched kind, else one per slot."""
+        """Start probes of ``slots``: one task per batched kind, else one per slot.
+
+        A slot already running ``MAX_SCHEDULED`` scheduled probes is skipped (and counted):
+        queueing it would only pile up probes that a hanging peer or plugin never ends.
+        """
         assert self._tg is not None
         by_kind: dict[str, list[Slot]] = {}
         for slot in slots:
+            if slot.scheduled >= MAX_SCHEDULED:
+                self.skipped += 1
+                if rnd is not None:
+                    rnd.pending.discard(slot.key)
+                continue
+            slot.scheduled += 1
             self._inflight[slot.key] = self._inflight.get(slot.key, 0) + 1
             if self.probes[slot.kind].batched:
                 by_kind.setdefault(slot.kind, []).append(slot)
@@ -257,6 +315,7 @@ class Scheduler:
 
     def _settle(self, slot: Slot, result: ProbeResult | None, rnd: RoundInfo | None) -> None:
         """Record a scheduled probe's result, start a confirmation on a fresh failure."""
+        slot.scheduled -= 1
         try:
             if result is None or slot.removed:
                 return
@@ -289,6 +348,7 @@ class Scheduler:
         confirmation as soon as this one has launched its last re-probe.
         """
         assert self._tg is not None
+        cap = min(self.probing.confirm_probes, MAX_CONFIRMING)
         try:
             for _ in range(self.probing.confirm_probes):
                 await anyio.sleep(self.probing.confirm_spacing)
@@ -297,6 +357,10 @@ class Scheduler:
                     break
                 if st.state is PathState.UNREACHABLE:
                     break
+                if slot.reprobes >= cap:  # earlier re-probes still hang: do not add more
+                    self.skipped += 1
+                    continue
+                slot.reprobes += 1
                 self._inflight[slot.key] = self._inflight.get(slot.key, 0) + 1
                 self._tg.start_soon(self._confirm_one, slot)
         finally:
@@ -309,6 +373,7 @@ class Scheduler:
             if not slot.removed:
                 self._record(slot, result)
         finally:
+            slot.reprobes -= 1
             self._done(slot.key)
 
     def _record(self, slot: Slot, result: ProbeResult) -> KindState | None:
@@ -330,6 +395,8 @@ class Scheduler:
                 st.state.value,
                 "" if result.ok else f": {result.error}",
             )
+            if self.on_transition is not None:
+                self.on_transition(p, slot.kind, old, st.state, result)
             if self.on_change is not None:
                 self.on_change()
         return st
@@ -406,14 +473,41 @@ class Scheduler:
         else:
             self._inflight[key] = left
 
+    @property
+    def inflight(self) -> int:
+        """Probes and confirmation runs in flight, over all slots."""
+        return sum(self._inflight.values())
+
     def _check_rounds(self) -> None:
+        finished = False
         while self.rounds and self.rounds[0].launched_all and not self.rounds[0].pending:
             rnd = self.rounds.pop(0)
             rnd.finished = anyio.current_time()
             self.completed_rounds += 1
             self.last_round = rnd
+            finished = True
             if self.on_round is not None and self._tg is not None:
-                self._tg.start_soon(self.on_round, rnd)
+                if self._on_round_busy:
+                    # One callback at a time: a burst of rounds is reported by its latest.
+                    self._on_round_next = rnd
+                else:
+                    self._on_round_busy = True
+                    self._tg.start_soon(self._report_rounds, rnd)
+        if finished:
+            self._round_finished.set()
+            self._round_finished = anyio.Event()
+
+    async def _report_rounds(self, rnd: RoundInfo) -> None:
+        assert self.on_round is not None
+        try:
+            while True:
+                await self.on_round(rnd)
+                if self._on_round_next is None:
+                    break
+                rnd, self._on_round_next = self._on_round_next, None
+        finally:
+            self._on_round_busy = False
+            self._on_round_next = None
 
     async def probe_all(self) -> None:
         """Probe every slot now (rate-capped) and wait for the results and their confirmations.

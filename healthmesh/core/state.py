@@ -12,6 +12,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from healthmesh.core.model import PathState, ProbeResult
+from healthmesh.core.telemetry import Telemetry
 
 _SECOND: list[Any] = [None, ""]  # the last whole second formatted, and its text
 
@@ -146,7 +147,7 @@ class KindState:
                 out[key + "_avg"] = round(self._detail_sums[key] / len(values), 3)
 
     def as_dict(self) -> dict[str, Any]:
-        """The JSON form of DESIGN.md's per-kind probe entry."""
+        """The JSON form of a per-kind probe entry (docs/snapshot.schema.json)."""
         last = self.last
         out: dict[str, Any] = {"state": self.state.value}
         if last is None:
@@ -193,9 +194,13 @@ RETIRED_TTL = 3600.0
 class StateStore:
     """Every path's per-kind state; removed paths are retired, and restored when re-added."""
 
-    def __init__(self, failure_threshold: int, window: int) -> None:
+    def __init__(
+        self, failure_threshold: int, window: int, telemetry: Telemetry | None = None
+    ) -> None:
         self.failure_threshold = failure_threshold
         self.window = window
+        #: Counts every result and state change for the metrics (O(1) per result).
+        self.telemetry = telemetry if telemetry is not None else Telemetry()
         self._states: dict[tuple[tuple[str, str, str], str], KindState] = {}
         self._retired: dict[tuple[tuple[str, str, str], str], tuple[float, KindState]] = {}
         self._cache: dict[tuple[tuple[str, str, str], str], dict[str, Any]] = {}
@@ -211,6 +216,7 @@ class StateStore:
             else:
                 st = KindState(self.failure_threshold, self.window, history=deque())
             self._states[k] = st
+            self.telemetry.path_added(key, kind, st.state)
         return st
 
     def retire(self, key: tuple[str, str, str], kind: str) -> None:
@@ -220,6 +226,7 @@ class StateStore:
         self._cache.pop(k, None)
         if st is None:
             return
+        self.telemetry.path_removed(key, kind, st.state)
         self._retired[k] = (time.monotonic(), st)
         if len(self._retired) > RETIRED_MAX:
             oldest = min(self._retired, key=lambda x: self._retired[x][0])
@@ -230,7 +237,9 @@ class StateStore:
         st = self._states.get((key, kind))
         if st is None:
             return None
+        old = st.state
         st.record(result)
+        self.telemetry.result(key, kind, result, old, st.state)
         # Render the JSON view now, while results trickle in, rather than all 10,000s of
         # them at once when the snapshot is built at the end of a round.
         self._cache[(key, kind)] = st.as_dict()

@@ -99,6 +99,9 @@ class ApiApp:
         self.max_body = max_body
         self.max_head = max_head
         self.openapi = openapi_document()
+        from healthmesh.plugins.api.events import EventStreams  # it imports this module
+
+        self.event_streams = EventStreams(context)
         self.routes: dict[str, dict[str, Handler]] = {
             "/v1beta/healthz": {"GET": self.beta_healthz},
             "/v1beta/status": {"GET": self.beta_status},
@@ -120,6 +123,9 @@ class ApiApp:
             return  # lifespan is off and websockets are not served
         path = scope.get("path", "")
         try:
+            if path == "/v1/events":  # a stream, not one JSON answer
+                await self.event_streams(scope, receive, send, _query(scope))
+                return
             answer = await self.dispatch(scope)
         except HttpError as exc:
             answer = Answer(exc.status, error_body(path, exc.status, exc.message), exc.headers)

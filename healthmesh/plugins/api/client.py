@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -14,6 +15,14 @@ from healthmesh.plugins.api.settings import default_socket
 
 class AgentUnreachable(Exception):
     """No agent answered on the socket: one line naming the socket and what to do."""
+
+
+class AgentRefused(Exception):
+    """The agent answered with an error status (a bad query): the status and its message."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 def socket_from_uri(uri: str | None) -> str:
@@ -72,6 +81,27 @@ class AgentClient:
             raise AgentUnreachable(
                 f"the agent on {self.path} answered {method} {url} with something not JSON"
             ) from None
+
+    def stream_lines(self, url: str, read_timeout: float) -> Iterator[bytes]:
+        """``GET url`` as a stream of lines (NDJSON); ``AgentUnreachable`` when it breaks."""
+        self._check_path()
+        transport = httpx.HTTPTransport(uds=self.path)
+        timeout = httpx.Timeout(self.timeout, read=read_timeout)
+        try:
+            with httpx.Client(transport=transport, base_url="http://localhost",
+                              timeout=timeout) as client, \
+                    client.stream("GET", url, headers={"accept": "application/x-ndjson"}) as resp:
+                if resp.status_code != 200:
+                    resp.read()
+                    raise AgentRefused(resp.status_code, _error_text(resp))
+                for line in resp.iter_lines():
+                    yield line.encode()
+        except httpx.TimeoutException:
+            raise AgentUnreachable(
+                f"the agent on {self.path} sent nothing on {url} for {read_timeout:g}s"
+            ) from None
+        except httpx.TransportError as exc:
+            raise AgentUnreachable(self._transport_message(exc)) from None
 
     def _check_path(self) -> None:
         try:

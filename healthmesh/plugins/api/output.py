@@ -96,6 +96,7 @@ class ApiOutput(Output):
                 self.rounds.tg = tg
                 await server.startup(sockets=[listener.sock])
                 logger.info("api listening on unix://{}", listener.path)
+                self.context.report(self, "ok", f"unix://{listener.path}")
                 task_status.started()
                 await server.main_loop()  # until cancelled (uvicorn's own exit flag is unused)
         finally:

@@ -8,7 +8,7 @@ from typing import Any
 
 import msgspec
 
-from healthmesh import ComponentSettings, Duration, format_duration
+from healthmesh import ComponentSettings, ConfigPath, Duration, format_duration
 
 DEFAULT_SOCKET = "/run/healthmesh/health.sock"
 SOCKET_ENV = "HEALTHMESH_SOCK"
@@ -31,11 +31,16 @@ def default_socket() -> str:
     return os.environ.get(SOCKET_ENV) or DEFAULT_SOCKET
 
 
+def _default_config_socket() -> ConfigPath:
+    return ConfigPath(default_socket())
+
+
 class ApiSettings(ComponentSettings):
     """``[outputs.api]``: the local API's unix socket."""
 
     #: The socket path; default ``$HEALTHMESH_SOCK``, else /run/healthmesh/health.sock.
-    socket: str = msgspec.field(default_factory=default_socket)
+    #: A relative path is relative to the config file's directory, like every path in a config.
+    socket: ConfigPath = msgspec.field(default_factory=_default_config_socket)
     #: Permission bits of the socket file: "0660" (or the TOML integer 0o660).
     mode: str | int = "0660"
     #: Owner group of the socket (name or number); "" keeps the agent's own group.

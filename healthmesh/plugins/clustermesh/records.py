@@ -58,7 +58,7 @@ def split_key(key: str, prefix: str) -> tuple[str, str] | None:
 
 
 def encode_node(node: Node) -> bytes:
-    """The registration value of a node (DESIGN.md §3)."""
+    """The registration value of a node (docs/etcd.md)."""
     return json.dumps(
         {
             "name": node.name,

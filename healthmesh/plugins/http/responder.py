@@ -122,12 +122,15 @@ class Responder(Service):
             raise
         loop = asyncio.get_running_loop()
         pool = self.pool = ConnectionPool(loop, s, cap)
+        pool.telemetry = getattr(self.context, "telemetry", None)  # counts status codes
         listeners: list[Listener] = []
         try:
             for sock in socks:
                 listeners.append(Listener(pool, sock))
             self.addresses = [format_listen(*sock.getsockname()[:2]) for sock in socks]
             logger.info("responder listening on {}", ", ".join(self.addresses))
+            if self.context is not None:  # None for `healthmesh responder` alone
+                self.context.report(self, "ok", ", ".join(self.addresses))
             task_status.started()
             await pool.sweep_forever()
         finally:
@@ -250,6 +253,8 @@ class Listener:
 
 class ConnectionPool:
     """Every open connection, oldest first: enforces the cap and the timeouts."""
+
+    telemetry: Any = None  # the agent's Telemetry (None for the standalone responder)
 
     def __init__(self, loop: asyncio.AbstractEventLoop, settings: ResponderSettings,
                  cap: int) -> None:
@@ -457,6 +462,8 @@ class Connection:
         sock = self.sock
         if sock is None:
             return
+        if self.pool.telemetry is not None:  # every response passes here: "HTTP/1.1 NNN ..."
+            self.pool.telemetry.responded(int(data[9:12]))
         if self.out:
             self.out += data
             return

@@ -8,7 +8,15 @@ import anyio
 import msgspec
 from anyio.abc import TaskStatus
 
-from healthmesh import ComponentSettings, Node, PeerSource, SourceFeed, hookimpl, parse_nodes
+from healthmesh import (
+    ComponentSettings,
+    Node,
+    PeerSource,
+    SourceFeed,
+    check_against_local,
+    hookimpl,
+    parse_nodes,
+)
 
 
 class StaticSettings(ComponentSettings):
@@ -24,10 +32,10 @@ class StaticSource(PeerSource):
     Settings = StaticSettings
 
     @classmethod
-    def validate_settings(cls, settings: StaticSettings, config: object) -> None:
+    def validate_settings(cls, settings: StaticSettings, config: Any) -> None:
         if not settings.nodes:
             raise ValueError("nodes: empty peer set; list at least one node")
-        parse_nodes(settings.nodes, "nodes")
+        check_against_local(parse_nodes(settings.nodes, "nodes"), config.core.node, "nodes")
 
     def __init__(self, settings: StaticSettings, context: Any) -> None:
         super().__init__(settings, context)

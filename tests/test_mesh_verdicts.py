@@ -268,3 +268,18 @@ def test_degraded_in_a_large_mesh_uses_the_median_of_all_cells() -> None:
     m = matrix(n, loss=loss, base_loss=2.0, validate=False)
     assert kinds_of(m) == [("degraded", "c/n7")]
     assert "the mesh's usual is 2.0%" in m["verdicts"][0]["evidence"]
+
+
+def test_one_host_a_little_above_a_lossy_mesh_is_no_verdict() -> None:
+    # Seen in netlab at 5% loss everywhere (windows of 20 samples): a host's own drops lift
+    # all its cells at once. Usual 5%, the host 15% both ways: within the noise.
+    loss = {(i, 2): 15.0 for i in (1, 3, 4)} | {(2, j): 15.0 for j in (1, 3, 4)}
+    assert matrix(4, loss=loss, base_loss=5.0)["verdicts"] == []
+    # Clearly above it: degraded.
+    loss = {(i, 2): 25.0 for i in (1, 3, 4)} | {(2, j): 25.0 for j in (1, 3, 4)}
+    assert kinds_of(matrix(4, loss=loss, base_loss=5.0)) == [("degraded", "c/n2")]
+
+
+def test_one_broken_cell_is_not_a_degraded_target() -> None:
+    m = matrix(4, loss={(1, 3): 90.0, (3, 1): 0.0})
+    assert m["verdicts"] == []

@@ -31,9 +31,13 @@ VERDICT_KINDS = (
 #: usual; and how many times the usual it must be (docs/mesh.md, "degraded").
 LOSS_MIN_PCT = 15.0
 LOSS_FACTOR = 3.0
+#: ... and this many points above it: a host's own random drops show in all of its cells at
+#: once (they are correlated), so a small usual loss needs a clear margin (docs/mesh.md).
+LOSS_MARGIN = 15.0
 #: The same for RTT: at least this many ms, and this many times the mesh's median.
 RTT_MIN_MS = 20.0
 RTT_FACTOR = 5.0
+RTT_MARGIN = 10.0
 #: "Most targets": an observer failing to more than this share of them is isolated.
 ISOLATED_SHARE = 0.5
 #: Up to this many targets, the mesh's usual loss/RTT is taken without the suspect's cells.
@@ -444,9 +448,9 @@ def _degraded(v: _View, flagged: set[str]) -> list[Json]:
     # The mesh's usual excludes the suspect's own cells in a small mesh (where they weigh
     # on the median); in a large one the median of all cells is robust and O(N²) in total.
     small = len(v.targets) <= EXCLUDE_UP_TO
-    for key, floor, factor, what, unit in (
-        ("loss_pct", LOSS_MIN_PCT, LOSS_FACTOR, "loss", "%"),
-        ("rtt_ms", RTT_MIN_MS, RTT_FACTOR, "RTT", " ms"),
+    for key, floor, factor, margin, what, unit in (
+        ("loss_pct", LOSS_MIN_PCT, LOSS_FACTOR, LOSS_MARGIN, "loss", "%"),
+        ("rtt_ms", RTT_MIN_MS, RTT_FACTOR, RTT_MARGIN, "RTT", " ms"),
     ):
         overall = values(key, offdiag) if not small else []
         overall_usual = statistics.median(overall) if overall else 0.0
@@ -464,20 +468,22 @@ def _degraded(v: _View, flagged: set[str]) -> list[Json]:
                 usual = statistics.median(rest) if rest else 0.0
             else:
                 usual = overall_usual
-            limit = max(floor, factor * usual)
-            col_med = statistics.median(col)
-            row_med = statistics.median(row) if row else None
+            limit = max(floor, factor * usual, usual + margin)
+            # Means of the suspect's cells (every sample counts), but more than half of the
+            # observers must see at least half the limit: one broken cell is no verdict.
+            col_mean = statistics.fmean(col)
+            row_mean = statistics.fmean(row) if row else None
             # Inbound from most observers, and its own row too when there is one: one lossy
-            # observer does not make its targets degraded (the rule below catches it instead).
-            high_in = sum(1 for x in col if x >= limit)
-            if col_med < limit or high_in * 2 <= len(col):
+            # observer does not make its targets degraded.
+            high_in = sum(1 for x in col if x >= limit / 2)
+            if col_mean < limit or high_in * 2 <= len(col):
                 continue
-            if key == "loss_pct" and row_med is not None and row_med < limit and len(row) >= 2:
+            if key == "loss_pct" and row_mean is not None and row_mean < limit and len(row) >= 2:
                 continue
             out.append(_verdict(
                 "degraded", tgt, high_in / len(col),
-                f"{what} to {tgt} is {_fmt(col_med)}{unit} (median of {len(col)} observers)"
-                + (f", from it {_fmt(row_med)}{unit}" if row_med is not None else "")
+                f"{what} to {tgt} is {_fmt(col_mean)}{unit} (mean of {len(col)} observers)"
+                + (f", from it {_fmt(row_mean)}{unit}" if row_mean is not None else "")
                 + f"; the mesh's usual is {_fmt(usual)}{unit}",
                 v.since(inbound),
             ))  # fmt: skip

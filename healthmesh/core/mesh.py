@@ -29,11 +29,11 @@ VERDICT_KINDS = (
 
 #: Loss (percent) a target must show before it can be called degraded, whatever the mesh's
 #: usual; and how many times the usual it must be (docs/mesh.md, "degraded").
-LOSS_MIN_PCT = 15.0
+LOSS_MIN_PCT = 12.0
 LOSS_FACTOR = 3.0
 #: ... and this many points above it: a host's own random drops show in all of its cells at
 #: once (they are correlated), so a small usual loss needs a clear margin (docs/mesh.md).
-LOSS_MARGIN = 15.0
+LOSS_MARGIN = 12.0
 #: The same for RTT: at least this many ms, and this many times the mesh's median.
 RTT_MIN_MS = 20.0
 RTT_FACTOR = 5.0

@@ -39,7 +39,7 @@ MAX_KINDS = 16
 #: ``N / WRITE_BUDGET`` seconds in an N-node mesh (docs/mesh.md, "Load on etcd").
 WRITE_BUDGET = 100.0
 #: Loss bands (percent) whose crossing counts as a change worth publishing before the refresh.
-LOSS_BANDS = (15.0, 40.0)
+LOSS_BANDS = (10.0, 25.0, 50.0)
 
 _STATE_CHAR = {"reachable": "r", "unreachable": "u", "partial": "p", "unknown": "-"}
 _CHAR_STATE = {v: k for k, v in _STATE_CHAR.items()}

@@ -283,3 +283,9 @@ def test_one_host_a_little_above_a_lossy_mesh_is_no_verdict() -> None:
 def test_one_broken_cell_is_not_a_degraded_target() -> None:
     m = matrix(4, loss={(1, 3): 90.0, (3, 1): 0.0})
     assert m["verdicts"] == []
+
+
+def test_no_degraded_without_a_usual_to_compare_with() -> None:
+    # Two nodes: every cell involves both; a slow or lossy pair names no culprit.
+    m = matrix(2, rtt={(1, 2): 50.0, (2, 1): 30.0}, loss={(1, 2): 40.0, (2, 1): 40.0})
+    assert m["verdicts"] == []

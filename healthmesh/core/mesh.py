@@ -465,7 +465,9 @@ def _degraded(v: _View, flagged: set[str]) -> list[Json]:
                 continue
             if small:
                 rest = values(key, ((o, t) for o, t in offdiag if tgt not in (o, t)))
-                usual = statistics.median(rest) if rest else 0.0
+                if not rest:
+                    continue  # no cell apart from the suspect's: no usual to compare with
+                usual = statistics.median(rest)
             else:
                 usual = overall_usual
             limit = max(floor, factor * usual, usual + margin)

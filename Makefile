@@ -7,9 +7,10 @@ BIN    := $(VENV)/bin
 # ApacheBench for side-by-side benchmarks, etcd for the membership tests, openssl for the
 # certificates of the etcd TLS and https check tests, dnsmasq as the real DNS server of the
 # dns check tests, prometheus
-# (with promtool) for the metrics tests.
+# (with promtool) for the metrics tests, chromium as the real browser of the web page tests
+# (driven by Playwright, which never downloads a browser of its own here).
 SYSTEM_PACKAGES := python3-venv iproute2 iptables fping apache2-utils etcd-server etcd-client \
-                   procps openssl dnsmasq prometheus
+                   procps openssl dnsmasq prometheus chromium
 
 # Python 3.10 is the oldest supported version: `make test` also runs these fast unit tests
 # (no root, network namespaces or etcd) on it, in .venv310. The interpreter is python3.10
@@ -19,7 +20,9 @@ VENV310   := .venv310
 PY310_TESTS := tests/test_detection_logic.py tests/test_layering.py \
                tests/test_hostile_plugins.py::test_a_hookimpl_taking_fewer_arguments_than_its_spec_works \
                tests/test_run.py::test_once_json_matches_the_snapshot_schema \
-               tests/test_run.py::test_a_responder_port_in_use_is_a_one_line_error
+               tests/test_run.py::test_a_responder_port_in_use_is_a_one_line_error \
+               tests/test_web.py::test_the_history_ring_is_bounded_and_keeps_transitions \
+               tests/test_web.py::test_the_local_row_fallback_has_the_mesh_shape
 FIND_PY310 := for p in $$(command -v python3.10) $$HOME/.pyenv/versions/3.10*/bin/python3.10; do \
                 [ -x "$$p" ] && "$$p" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 10))' \
                   2>/dev/null && { echo "$$p"; break; }; done
@@ -70,6 +73,7 @@ test-py310:
 	$(VENV310)/bin/pytest -q -p no:cacheprovider $(PY310_TESTS)
 
 demo: venv
+	@echo "web page: http://127.0.0.1:9968/ (the mesh heatmap; Ctrl-C stops the demo)"
 	$(BIN)/healthmesh run -c examples/loopback.toml
 
 bench: system-packages venv

@@ -1,0 +1,96 @@
+"""``[outputs.web]``: where the page listens, its optional credentials, limits and history."""
+
+from __future__ import annotations
+
+import ipaddress
+
+from healthmesh import ComponentSettings, Duration, format_duration
+
+DEFAULT_LISTEN = "127.0.0.1:9968"
+
+#: (key, lowest, highest) of each numeric limit: values outside make no sense or cannot work.
+LIMIT_BOUNDS: dict[str, tuple[float, float]] = {
+    # A browser opens about six connections per page; below that the page itself starves.
+    "max_connections": (8, 4096),
+    # Seconds. Too short drops a browser's keep-alive between two polls; a day is plenty.
+    "idle_timeout": (0.5, 3600.0),
+    # A browser's request head is under 2 KiB, with cookies of other pages on the host more.
+    "max_header_bytes": (2048, 256 * 1024),
+    # How much history each path keeps: a minute to a day.
+    "history": (60.0, 86400.0),
+    # Points per path and kind at most, whatever history / interval says.
+    "max_points": (10, 100_000),
+}
+
+
+class WebSettings(ComponentSettings):
+    """``[outputs.web]``: the web page."""
+
+    #: ADDR:PORT to listen on (IPv6 in brackets); port 0 picks a free one (logged).
+    listen: str = DEFAULT_LISTEN
+    #: Bearer token a request must carry (``Authorization: Bearer T``); "" for none.
+    token: str = ""
+    #: Basic-auth user and password (both or neither); a browser prompts for them.
+    username: str = ""
+    password: str = ""
+    #: Open connections at most; at the cap the oldest idle one is closed to admit a new one.
+    max_connections: int = 64
+    #: A connection must send a complete request head within this time of connecting or of
+    #: its previous answer, and read an answer within it; else it is closed.
+    idle_timeout: Duration = Duration(15.0)
+    #: Request line and headers together, in bytes; more gets 431.
+    max_header_bytes: int = 16 * 1024
+    #: How long each path's RTT/loss history reaches back (one point per probe round).
+    history: Duration = Duration(3600.0)
+    #: Cap on points per path and kind (a short interval would otherwise make many).
+    max_points: int = 3600
+
+    @classmethod
+    def validate(cls, settings: WebSettings) -> None:
+        """Raise ValueError naming the key when a value cannot work."""
+        parse_listen(settings.listen)
+        if settings.username and not settings.password:
+            raise ValueError("password: required with username (basic auth needs both)")
+        if settings.password and not settings.username:
+            raise ValueError("username: required with password (basic auth needs both)")
+        if ":" in settings.username:
+            raise ValueError("username: must not contain ':' (basic auth separates on it)")
+        for key, (low, high) in LIMIT_BOUNDS.items():
+            value = getattr(settings, key)
+            if not low <= value <= high:
+                if isinstance(value, Duration):
+                    shown = f"{format_duration(value)!r}"
+                    span = f"{format_duration(low)} to {format_duration(high)}"
+                else:
+                    shown, span = str(value), f"{int(low)} to {int(high)}"
+                raise ValueError(f"{key}: {shown} is out of range ({span})")
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """``(address, port)`` from ``ADDR:PORT`` (IPv6 in brackets); ValueError naming ``listen``."""
+    hint = 'use ADDR:PORT, an IPv6 address in brackets, e.g. "127.0.0.1:9968" or "[::1]:9968"'
+    if text.startswith("["):
+        host, sep, port_text = text[1:].partition("]:")
+        ok = bool(sep) and ":" in host
+    else:
+        host, sep, port_text = text.rpartition(":")
+        ok = bool(sep) and ":" not in host
+    if not ok:
+        raise ValueError(f"listen: {text!r} is not a listen address; {hint}")
+    try:
+        addr = ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"listen: {host!r} is not an IP address; {hint}") from None
+    if not port_text.isdigit() or not 0 <= int(port_text) < 65536:
+        raise ValueError(f"listen: {port_text!r} is not a TCP port (1-65535; 0 picks a free one)")
+    return str(addr), int(port_text)
+
+
+def url_of(address: str, port: int) -> str:
+    """The page's URL for a bound address (0.0.0.0 and :: shown as loopback, reachable here)."""
+    if address == "0.0.0.0":
+        address = "127.0.0.1"
+    elif address == "::":
+        address = "::1"
+    host = f"[{address}]" if ":" in address else address
+    return f"http://{host}:{port}/"

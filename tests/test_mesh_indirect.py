@@ -92,19 +92,20 @@ async def test_a_wrong_secret_gets_nothing_and_a_forged_answer_is_not_believed(l
 
 
 @pytest.mark.parametrize(
-    ("payload", "why"),
-    [
-        (request(ts=time.time() - 120), "stale request"),
-        (request(sender="default/far"), "caller is not a mesh member at this address"),
-        (request(sender="default/stranger"), "caller is not a mesh member at this address"),
-        (request(target="default/nowhere"), "target is not a mesh member"),
-        (request(target="default/a"), "target is not a mesh member"),
-        (b'{"from": "default/a"}\n', "malformed request"),
-        (b"not json\n", "malformed request"),
+    ("make", "why"),
+    [  # built when the test runs: a request built at collection time would be stale
+        (lambda: request(ts=time.time() - 120), "stale request"),
+        (lambda: request(sender="default/far"), "caller is not a mesh member at this address"),
+        (lambda: request(sender="default/stranger"),
+         "caller is not a mesh member at this address"),
+        (lambda: request(target="default/nowhere"), "target is not a mesh member"),
+        (lambda: request(target="default/a"), "target is not a mesh member"),
+        (lambda: b'{"from": "default/a"}\n', "malformed request"),
+        (lambda: b"not json\n", "malformed request"),
     ],
 )
-async def test_refusals_never_probe(lab: Lab, payload: bytes, why: str) -> None:
-    answer = await raw(lab.port, payload)
+async def test_refusals_never_probe(lab: Lab, make: Any, why: str) -> None:
+    answer = await raw(lab.port, make())
     assert answer == {"error": why}
     assert lab.probed == []
 

@@ -29,6 +29,7 @@ from healthmesh.core.config import (
 )
 from healthmesh.core.events import Event, EventLog, Gap
 from healthmesh.core.hookspecs import hookimpl
+from healthmesh.core.mesh import cell_state
 from healthmesh.core.model import Node, Path, PathState, ProbeResult, Role, Snapshot
 from healthmesh.core.render import header_line, summary_table
 from healthmesh.core.state import rfc3339
@@ -69,6 +70,7 @@ __all__ = [
     "SourceFeed",
     "Telemetry",
     "__version__",
+    "cell_state",
     "check_against_local",
     "config_relative",
     "format_duration",

@@ -113,6 +113,7 @@ def test_v1beta_errors_are_json(agent: AgentProcess) -> None:
         ("GET", "/v1/nodes", "/v1/nodes?state=unreachable&cluster=c2"),
         ("GET", "/v1/nodes/{cluster}/{name}", "/v1/nodes/c2/dead"),
         ("GET", "/v1/plugins", "/v1/plugins"),
+        ("GET", "/v1/mesh", "/v1/mesh"),
         ("POST", "/v1/probe", "/v1/probe"),
         ("GET", "/v1/openapi.json", "/v1/openapi.json"),
     ],
@@ -211,6 +212,14 @@ def test_openapi_document_is_served_and_its_snapshot_schema_matches_the_docs(
     schemas = doc["components"]["schemas"]
     root = {k: v for k, v in docs.items() if k not in ("$schema", "$id", "$defs", "title")}
     assert schemas["Snapshot"] == rewrite(root)
+    for key, name in names.items():
+        assert schemas[name] == rewrite(docs["$defs"][key]), name
+    # The same for the mesh matrix (docs/mesh.schema.json).
+    docs = json.loads((SNAPSHOT_SCHEMA.parent / "mesh.schema.json").read_text())
+    names = {"rfc3339": "MeshTimestamp", "name": "MeshName", "cell": "MeshCell",
+             "verdict": "MeshVerdict"}
+    root = {k: v for k, v in docs.items() if k not in ("$schema", "$id", "$defs", "title")}
+    assert schemas["Mesh"] == rewrite(root)
     for key, name in names.items():
         assert schemas[name] == rewrite(docs["$defs"][key]), name
 

@@ -7,6 +7,7 @@ import functools
 import signal
 import time
 from collections import deque
+from collections.abc import Callable
 from contextlib import AsyncExitStack
 from typing import Any
 
@@ -28,6 +29,7 @@ from healthmesh.core.events import EventLog, StateEvents, feed_output
 from healthmesh.core.health import ComponentHealth
 from healthmesh.core.isolation import ENTER_DEADLINE, IsolatedProbe, LoopWatchdog
 from healthmesh.core.membership import Membership
+from healthmesh.core.mesh import assemble, row_from_snapshot
 from healthmesh.core.model import Node, Snapshot
 from healthmesh.core.plugins import PluginRegistry
 from healthmesh.core.scheduler import RoundInfo, Scheduler
@@ -143,6 +145,10 @@ class Agent:
         self._lag_seen: list[int] | None = None
         self._skipped_seen = (0, 0)
         self._changed: anyio.Event | None = None
+        #: Readers of other observers' rows, by the source that gave them (docs/mesh.md).
+        self._rows: dict[str, Callable[[], dict[str, dict[str, Any]]]] = {}
+        self._mesh_limiter: anyio.CapacityLimiter | None = None  # made on the loop
+        self._indirect: dict[str, dict[str, Any]] = {}
         self._last_round: RoundInfo | None = None
         self._round_snapshot: Snapshot | None = None
 
@@ -242,6 +248,87 @@ class Agent:
     def components(self) -> list[dict[str, Any]]:
         """Every component's state: ``{name, state, message, since, restarts}``."""
         return self.health.listing()
+
+    def local_row(self) -> dict[str, Any]:
+        """This agent's row of the mesh matrix (core/mesh.py)."""
+        return row_from_snapshot(self.snapshot().data)
+
+    def publish_rows(
+        self, source: str, rows: Callable[[], dict[str, dict[str, Any]]] | None
+    ) -> None:
+        """How to read other observers' rows from ``source`` (replacing; None: none)."""
+        if rows is None:
+            self._rows.pop(source, None)
+        else:
+            self._rows[source] = rows
+
+    def mesh(self) -> dict[str, Any]:
+        """The mesh matrix with its verdicts (docs/mesh.schema.json)."""
+        return self._assemble(*self._mesh_inputs(), self._indirect)
+
+    async def mesh_async(self) -> dict[str, Any]:
+        """``mesh()``, with the heavy part (decoding rows, the N×N matrix, the verdicts)
+        in a worker thread, one at a time: a large mesh never blocks the agent's loop (the
+        responder, the probes). The local row and heartbeats are read on the loop."""
+        inputs = self._mesh_inputs()
+        if self._mesh_limiter is None:
+            self._mesh_limiter = anyio.CapacityLimiter(1)
+        return await anyio.to_thread.run_sync(
+            self._assemble, *inputs, self._indirect, limiter=self._mesh_limiter
+        )
+
+    def publish_indirect(self, results: dict[str, dict[str, Any]]) -> None:
+        """Indirect probe results by target (shown in the matrix and the evidence)."""
+        self._indirect = dict(results)
+
+    async def probe_node(self, node_id: str, timeout: float) -> dict[str, bool]:
+        """Probe a member's host paths now with every kind (for indirect probes)."""
+        node = next((n for n in self.membership.nodes() if n.id == node_id), None)
+        if node is None:
+            raise KeyError(node_id)
+        paths = node.paths(host=True, endpoint=False)
+        out: dict[str, bool] = {}
+
+        async def one(kind: str, probe: Probe, path: Any) -> None:
+            ok = False
+            with anyio.move_on_after(timeout + 0.5):
+                try:
+                    ok = (await probe.probe(path, timeout)).ok
+                except Exception:
+                    ok = False
+            out[kind] = out.get(kind, False) or ok
+
+        async with anyio.create_task_group() as tg:
+            for kind, probe in list(self.probes.items()):
+                for path in paths:
+                    if probe.supports(path):
+                        tg.start_soon(one, kind, probe, path)
+        return out
+
+    def _mesh_inputs(self) -> tuple[dict[str, Any], dict[str, str], list[Any]]:
+        heartbeats = {
+            node.id: str(node.info.get("heartbeat", "unknown"))
+            for node in self.membership.nodes()
+        }
+        if self._rows:
+            # The local agent's heartbeat is its own: it is running.
+            heartbeats[self.local_node.id] = "alive"
+        return self.local_row(), heartbeats, list(self._rows.items())
+
+    @staticmethod
+    def _assemble(
+        local: dict[str, Any],
+        heartbeats: dict[str, str],
+        readers: list[Any],
+        indirect: dict[str, dict[str, Any]],
+    ) -> dict[str, Any]:
+        rows: dict[str, dict[str, Any]] = {}
+        for source, read in readers:
+            try:
+                rows.update(read())
+            except Exception as exc:  # a source's bug costs its rows, not the API
+                logger.error("{}: reading mesh rows failed: {}", source, _describe(exc))
+        return assemble(local, rows, heartbeats, local_only=not readers, indirect=indirect)
 
     def report(self, component: Component | str, state: str, message: str = "") -> None:
         """A component reports its own state ("ok", "degraded" or "failed")."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import anyio
@@ -50,6 +50,37 @@ class AgentContext(Protocol):
         section, e.g. ``"responder"``, ``"outputs.api"``, ``"probes.icmp"``), ``state``
         (``"ok"``, ``"degraded"`` or ``"failed"``), ``message``, ``since`` (RFC 3339, the
         last change of state) and ``restarts``."""
+        ...
+
+    def mesh(self) -> dict[str, Any]:
+        """The mesh matrix and its verdicts (docs/mesh.schema.json): this agent's row and the
+        rows handed in with ``publish_rows``; ``local_only`` when no source shares rows."""
+        ...
+
+    def local_row(self) -> dict[str, Any]:
+        """This agent's own row: ``{"observer": "c/n", "timestamp": epoch, "cells":
+        {"c/t": {"state", "kinds": {kind: state}, "rtt_ms", "loss_pct", "since"}}}``
+        (``since`` in epoch seconds or None); what a rows source publishes for others."""
+        ...
+
+    def publish_rows(
+        self, source: str, rows: Callable[[], dict[str, dict[str, Any]]] | None
+    ) -> None:
+        """Give the agent a way to read other observers' rows: ``rows()`` returns them by
+        observer id, each shaped as ``local_row()`` returns it and already validated; the
+        agent calls it each time the matrix is built (so a source may decode lazily).
+        Replaces what ``source`` gave before; None withdraws it. From then on the matrix
+        is no longer local-only."""
+        ...
+
+    async def probe_node(self, node_id: str, timeout: float) -> dict[str, bool]:
+        """Probe a member's host paths now with every kind: ``{kind: reached by some path}``;
+        KeyError when ``node_id`` is not a member. (For indirect probes, docs/mesh.md.)"""
+        ...
+
+    def publish_indirect(self, results: dict[str, dict[str, Any]]) -> None:
+        """Indirect probe results, by target: ``{"asked": [ids], "reached": [ids],
+        "failed": [ids]}``; shown in the matrix and in the verdicts' evidence."""
         ...
 
     def report(self, component: Component | str, state: str, message: str = "") -> None:

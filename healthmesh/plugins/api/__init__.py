@@ -19,8 +19,9 @@ def register_outputs(register: Callable[[type[Output]], None]) -> None:
 
 @hookimpl
 def register_commands(cli: Any) -> None:
-    from healthmesh.plugins.api.command import status_command
+    from healthmesh.plugins.api.command import mesh_command, status_command
     from healthmesh.plugins.api.events_command import events_command
 
     cli.add_command(status_command)
     cli.add_command(events_command)
+    cli.add_command(mesh_command)

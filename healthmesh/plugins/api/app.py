@@ -111,6 +111,7 @@ class ApiApp:
             "/v1/nodes": {"GET": self.nodes},
             "/v1/plugins": {"GET": self.plugins},
             "/v1/checks": {"GET": self.checks},
+            "/v1/mesh": {"GET": self.mesh},
             "/v1/probe": {"POST": self.probe},
             "/v1/openapi.json": {"GET": self.openapi_json},
         }
@@ -262,6 +263,16 @@ class ApiApp:
 
     async def checks(self, request: Request) -> Answer:
         return Answer(200, encode({"checks": (await self.views.latest()).data.get("checks", [])}))
+
+    async def mesh(self, request: Request) -> Answer:
+        """The mesh matrix and its verdicts (docs/mesh.schema.json)."""
+        build = getattr(self.context, "mesh_async", None)
+        if build is not None:  # built off the agent's loop
+            return Answer(200, encode(await build()))
+        source = getattr(self.context, "mesh", None)
+        if source is None:  # an agent (core) without the mesh matrix
+            raise HttpError(404, "this agent does not build the mesh matrix")
+        return Answer(200, encode(source()))
 
     async def plugins(self, request: Request) -> Answer:
         return Answer(200, encode({"plugins": self.context.plugins()}))

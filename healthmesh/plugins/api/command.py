@@ -92,6 +92,8 @@ def status_command(
 
         # Three layers, in order: components, the mesh, the checks.
         _echo_block(component_lines(snap))
+        # Verdicts of the mesh matrix that name this node (when the agent builds one).
+        _echo_block(_local_verdicts(client, snap))
         if verbose or succinct:
             click.echo("\n".join(verbose_lines(snap) if verbose else succinct_lines(snap)))
         else:
@@ -132,3 +134,60 @@ def _print_table(snap: dict[str, Any]) -> None:
     # Piped output keeps whole rows instead of squeezing them into 80 columns.
     width = None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 200
     Console(width=width, soft_wrap=False).print(summary_table(snap))
+
+
+def _local_verdicts(client: Any, snap: dict[str, Any]) -> list[str]:
+    """The mesh verdicts naming the local node; [] when none or the agent has no /v1/mesh."""
+    from healthmesh.plugins.api.client import AgentUnreachable
+    from healthmesh.plugins.api.report import verdict_lines
+
+    local = snap.get("local") or {}
+    try:
+        matrix = client.get("/v1/mesh")
+    except AgentUnreachable:  # an older agent (404), or it went away: the table still shows
+        return []
+    if not isinstance(matrix, dict):
+        return []
+    return verdict_lines(matrix, only=f"{local.get('cluster', 'default')}/{local.get('name')}")
+
+
+@click.command("mesh")
+@click.option(
+    "-H", "--host", "uri", metavar="URI", default=None,
+    help=f"The agent's socket as unix:///path [default: ${SOCKET_ENV}, else {DEFAULT_SOCKET}]",
+)
+@click.option(
+    "-o", "--output", type=click.Choice(["table", "json"]), default="table", show_default=True,
+    help="table; json (docs/mesh.schema.json).",
+)
+def mesh_command(uri: str | None, output: str) -> None:
+    """Show the whole mesh: which node reaches which, and where each fault is.
+
+    Every agent's row (shared through etcd; without it, the local agent's row alone) as an
+    observers × targets matrix, with the verdicts on top: node down, agent down, observer
+    isolated, link cut, one-way failure, port 4240 or ICMP filtered, degraded (docs/mesh.md).
+    Exit 0 when all is fine, 1 on any fault, 2 on a usage error, 3 when no agent answers.
+
+    \b
+    Examples:
+      healthmesh mesh
+      healthmesh mesh -H unix:///run/healthmesh/health.sock -o json
+    """
+    from healthmesh.plugins.api.client import AgentClient, AgentUnreachable, socket_from_uri
+    from healthmesh.plugins.api.report import mesh_faulty, mesh_lines
+
+    try:
+        path = socket_from_uri(uri)
+    except ValueError as exc:
+        _fail(f"-H {exc}", EXIT_USAGE)
+    try:
+        matrix = AgentClient(path, timeout=GET_TIMEOUT).get("/v1/mesh")
+    except AgentUnreachable as exc:
+        _fail(str(exc), EXIT_NO_AGENT)
+    if not isinstance(matrix, dict) or "cells" not in matrix:
+        _fail(f"the agent on {path} answered /v1/mesh with something not a mesh", EXIT_NO_AGENT)
+    if output == "json":
+        click.echo(json.dumps(matrix, indent=2, ensure_ascii=False))
+    else:
+        click.echo("\n".join(mesh_lines(matrix)))
+    sys.exit(EXIT_UNREACHABLE if mesh_faulty(matrix) else EXIT_OK)

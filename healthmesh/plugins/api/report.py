@@ -214,3 +214,132 @@ def _target_facts(t: dict[str, Any]) -> str:
     if t.get("cert_expiry_days") is not None:
         parts.append(f"certificate expires in {t['cert_expiry_days']:.0f} days")
     return ", ".join(parts)
+
+
+# --- the mesh matrix (``healthmesh mesh``) -------------------------------------------------
+
+#: Above this many targets the matrix shows only the rows and columns with a failing cell.
+COLLAPSE_ABOVE = 20
+_CELL_MARK = {"reachable": "✔", "unreachable": "✘", "unknown": "?"}
+_KIND_MARK = {"reachable": "✔", "unreachable": "✘", "partial": "~", "unknown": "?"}
+
+
+def short_name(node_id: str) -> str:
+    """``node`` for the default cluster, else ``cluster/node`` (as the status table)."""
+    cluster, _, name = node_id.partition("/")
+    return name if cluster == "default" else node_id
+
+
+def _subject_text(subject: Any) -> str:
+    if isinstance(subject, list):
+        return " and ".join(short_name(str(s)) for s in subject)
+    return short_name(str(subject))
+
+
+def verdict_line(v: dict[str, Any]) -> str:
+    """One verdict in plain words: what, who, why, how sure, since when."""
+    kind, subject = v.get("kind"), v.get("subject")
+    who = _subject_text(subject)
+    pair = isinstance(subject, list) and len(subject) == 2
+    a, b = (short_name(str(s)) for s in subject) if pair else (who, who)
+    what = {
+        "node-down": f"node {who} is down",
+        "agent-down": f"the agent on {who} is down (the host still answers)",
+        "observer-isolated": f"{who} is cut off: it reaches almost none of its peers",
+        "link": f"the link between {who} is cut",
+        "asymmetric": f"{a} cannot reach {b}, though {b} reaches {a}",
+        "port-filtered": (f"port 4240 is filtered between {a} and {b}" if pair
+                          else f"port 4240 (HTTP) is filtered on {who}"),
+        "icmp-filtered": (f"ICMP is filtered between {a} and {b}" if pair
+                          else f"ICMP is filtered on {who}"),
+        "degraded": f"{who} is degraded",
+    }.get(str(kind), f"{kind} {who}")
+    conf = v.get("confidence")
+    facts = [f"confidence {conf:.2f}" if isinstance(conf, (int, float)) else None]
+    if v.get("since"):
+        facts.append(f"since {v['since']}")
+    tail = ", ".join(f for f in facts if f)
+    return f"✘ {what} — {v.get('evidence', '')}" + (f" ({tail})" if tail else "")
+
+
+def verdict_lines(matrix: dict[str, Any], only: str | None = None) -> list[str]:
+    """``Verdicts:`` and one line each (those naming ``only`` when given); [] when none."""
+    verdicts = matrix.get("verdicts") or []
+    if only is not None:
+        verdicts = [
+            v for v in verdicts
+            if only in (v["subject"] if isinstance(v.get("subject"), list) else [v.get("subject")])
+        ]
+    if not verdicts:
+        return []
+    title = "Mesh verdicts about this node:" if only is not None else "Verdicts:"
+    return [title, *("  " + verdict_line(v) for v in verdicts)]
+
+
+def cell_text(cell: dict[str, Any] | None) -> str:
+    """✔ / ✘ / ? per cell, ``partial`` with the failing kinds when the kinds disagree."""
+    if cell is None:
+        return "?"
+    state = cell.get("state", "unknown")
+    if state in _CELL_MARK:
+        return _CELL_MARK[state]
+    kinds = cell.get("kinds") or {}
+    bad = [f"{k}{_KIND_MARK.get(s, '?')}" for k, s in sorted(kinds.items()) if s != "reachable"]
+    return "partial " + ",".join(bad) if bad else "partial"
+
+
+def mesh_faulty(matrix: dict[str, Any]) -> bool:
+    """Any verdict, or any cell neither reachable nor unknown."""
+    if matrix.get("verdicts"):
+        return True
+    return any(
+        c.get("state") in ("unreachable", "degraded")
+        for o, row in (matrix.get("cells") or {}).items()
+        for t, c in row.items()
+        if o != t
+    )
+
+
+def mesh_lines(matrix: dict[str, Any], collapse_above: int = COLLAPSE_ABOVE) -> list[str]:
+    """The verdicts, then the observers × targets matrix (collapsed when large)."""
+    observers: list[str] = list(matrix.get("observers") or [])
+    targets: list[str] = list(matrix.get("targets") or [])
+    cells: dict[str, dict[str, Any]] = matrix.get("cells") or {}
+    lines = verdict_lines(matrix) or ["Verdicts: none, the mesh is healthy"]
+    lines.append("")
+    scope = ("local only: no rows shared through etcd, this agent's own row alone"
+             if matrix.get("local_only") else "rows shared through etcd")
+    lines.append(f"Mesh: {len(observers)} observers × {len(targets)} targets "
+                 f"({matrix.get('timestamp')}; {scope})")
+
+    def bad(o: str, t: str) -> bool:
+        c = cells.get(o, {}).get(t)
+        return o != t and c is not None and c.get("state") in ("unreachable", "degraded")
+
+    rows, cols = observers, targets
+    hidden = ""
+    if len(targets) > collapse_above:
+        rows = [o for o in observers if any(bad(o, t) for t in targets)]
+        cols = [t for t in targets if any(bad(o, t) for o in observers)]
+        hidden = (f"(collapsed: showing the {len(rows)} observers and {len(cols)} targets with "
+                  f"a failing cell; every other cell is reachable or unknown)")
+        if not rows:
+            lines.append(f"  every one of the {len(observers)}×{len(targets)} cells is "
+                         "reachable or not yet known")
+            return lines
+    texts = {(o, t): ("·" if o == t else cell_text(cells.get(o, {}).get(t)))
+             for o in rows for t in cols}
+    widths = [max(len(short_name(t)), *(len(texts[o, t]) for o in rows)) for t in cols]
+    first = max([len("observer ↓ target →"), *(len(short_name(o)) for o in rows)])
+    head = "observer ↓ target →".ljust(first)
+    lines.append("  " + "  ".join([head, *(short_name(t).ljust(w) for t, w in zip(cols, widths))])
+                 .rstrip())
+    for o in rows:
+        row = [short_name(o).ljust(first),
+               *(texts[o, t].ljust(w) for t, w in zip(cols, widths))]
+        lines.append(("  " + "  ".join(row)).rstrip())
+    if hidden:
+        lines.append("  " + hidden)
+    lines.append("  ✔ reachable  ✘ unreachable  partial: some kinds fail (✘) or work on some "
+                 "paths only (~)  ? unknown  · itself")
+    return lines

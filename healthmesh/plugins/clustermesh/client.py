@@ -134,11 +134,13 @@ class EtcdClient:
     # -- kv ---------------------------------------------------------------------------
 
     async def range_prefix(
-        self, prefix: str, *, limit: int = 0, revision: int = 0
+        self, prefix: str, *, limit: int = 0, revision: int = 0, end: str | None = None
     ) -> tuple[list[KeyValue], int, bool]:
-        """Every key under ``prefix``: (key-values, store revision, whether more were left)."""
+        """Every key under ``prefix`` (or from ``prefix`` up to ``end``, excluded): (key-values,
+        store revision, whether more were left)."""
         raw = prefix.encode()
-        body: dict[str, Any] = {"key": _b64(raw), "range_end": _b64(prefix_end(raw))}
+        range_end = end.encode() if end else prefix_end(raw)
+        body: dict[str, Any] = {"key": _b64(raw), "range_end": _b64(range_end)}
         if limit:
             body["limit"] = str(limit)
         if revision:
@@ -200,9 +202,9 @@ class EtcdClient:
 
     @asynccontextmanager
     async def watch(
-        self, prefix: str, start_revision: int
+        self, prefix: str, start_revision: int, end: str | None = None
     ) -> AsyncIterator[AsyncIterator[tuple[int, list[WatchEvent]]]]:
-        """Watch every key under ``prefix`` from ``start_revision``.
+        """Watch every key under ``prefix`` (or up to ``end``) from ``start_revision``.
 
         Yields an iterator of (revision, events) batches; progress notifications come as
         empty batches. Raises EtcdCompacted when the revision is gone, EtcdError when the
@@ -213,7 +215,7 @@ class EtcdClient:
         body = {
             "create_request": {
                 "key": _b64(raw),
-                "range_end": _b64(prefix_end(raw)),
+                "range_end": _b64(end.encode() if end else prefix_end(raw)),
                 "start_revision": str(start_revision),
             }
         }

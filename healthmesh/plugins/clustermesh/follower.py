@@ -176,7 +176,9 @@ class Follower:
                 self.registration.lease,
             )
         prefix = self.table.watch_prefix
-        kvs, revision, more = await client.range_prefix(prefix, limit=self.max_keys)
+        kvs, revision, more = await client.range_prefix(
+            prefix, limit=self.max_keys, end=self.table.watch_end
+        )
         if more:
             logger.warning(
                 "{}: more than max_keys ({}) keys under {}; the rest are ignored",
@@ -214,7 +216,7 @@ class Follower:
 
     async def _watch(self, client: EtcdClient, start: int) -> None:
         prefix = self.table.watch_prefix
-        async with client.watch(prefix, start) as batches:
+        async with client.watch(prefix, start, self.table.watch_end) as batches:
             async for _revision, events in batches:
                 if not events:
                     continue

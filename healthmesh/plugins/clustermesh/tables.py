@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import zlib
 from collections.abc import Callable, Iterable
+from typing import Any
 
 from loguru import logger
 
@@ -23,6 +24,7 @@ from healthmesh.plugins.clustermesh.records import (
     nodes_prefix,
     split_key,
 )
+from healthmesh.plugins.clustermesh.rows import decode_row, rows_prefix
 
 Decoder = Callable[..., Node]
 
@@ -32,6 +34,8 @@ class NodeTable:
 
     #: The prefix to load and watch.
     watch_prefix: str
+    #: Where the watched range ends (excluded) when not at the end of the prefix.
+    watch_end: str | None = None
 
     def __init__(
         self,
@@ -125,18 +129,80 @@ class NodeTable:
 class HealthmeshTable(NodeTable):
     """healthmesh's layout: ``<prefix>/nodes/v1/<cluster>/<node>`` and leased heartbeats."""
 
-    def __init__(self, label: str, prefix: str, clusters: Iterable[str], **kw: object) -> None:
+    def __init__(
+        self,
+        label: str,
+        prefix: str,
+        clusters: Iterable[str],
+        *,
+        rows_max_bytes: int | None = None,
+        **kw: object,
+    ) -> None:
         super().__init__(label, clusters, **kw)  # type: ignore[arg-type]
         self.watch_prefix = f"{prefix}/"
         self._nodes_prefix = nodes_prefix(prefix)
         self._alive_prefix = alive_prefix(prefix)
         self._alive: set[str] = set()
+        #: Mesh rows (docs/mesh.md) by observer id, kept when ``rows_max_bytes`` is set:
+        #: stored as written and decoded only when the matrix is asked for (a watch event
+        #: costs no decoding: every agent sees every row's writes).
+        self._rows_prefix = rows_prefix(prefix) if rows_max_bytes else None
+        self.rows_max_bytes = rows_max_bytes or 0
+        self._rows: dict[str, tuple[str, bytes]] = {}  # observer -> (key, value)
+        self._decoded: dict[str, tuple[bytes, dict[str, Any]]] = {}
+        if self._rows_prefix is None:
+            # Not reading rows: leave them out of the load and the watch altogether (they
+            # sort after nodes/v1/, which sorts after alive/v1/).
+            self.watch_end = self._nodes_prefix[:-1] + "0"
 
     def _load_extra(self) -> None:
         self._alive.clear()
+        self._rows.clear()
+
+    def rows(self) -> dict[str, dict[str, Any]]:
+        """The other observers' valid rows, by observer id (decoded now, or cached)."""
+        out: dict[str, dict[str, Any]] = {}
+        for observer, (key, value) in list(self._rows.items()):
+            cached = self._decoded.get(observer)
+            if cached is not None and cached[0] is value:
+                out[observer] = cached[1]
+                continue
+            cluster, name = observer.split("/", 1)
+            try:
+                row = decode_row(cluster, name, value, max_bytes=self.rows_max_bytes)
+            except BadValue as exc:
+                self._decoded.pop(observer, None)
+                self._warn(key, value, str(exc))
+                continue
+            self._decoded[observer] = (value, row)
+            out[observer] = row
+        for gone in set(self._decoded) - set(self._rows):
+            del self._decoded[gone]
+        return out
+
+    def _apply_row(self, key: str, value: bytes | None) -> None:
+        assert self._rows_prefix is not None
+        where = split_key(key, self._rows_prefix)
+        if where is None or where[0] not in self.clusters:
+            if value is not None:
+                self._warn(key, value, "not a row of a known cluster")
+            return
+        observer = "/".join(where)
+        if observer == self.exclude:
+            return
+        if value is None or len(value) > self.rows_max_bytes:
+            self._rows.pop(observer, None)  # a bad row never stands for a good one
+            self._warned.pop(key, None)
+            if value is not None:
+                self._warn(key, value, f"row is {len(value)} bytes, larger than rows_max_bytes "
+                                       f"({self.rows_max_bytes})")
+            return
+        self._rows[observer] = (key, value)
 
     def apply(self, key: str, value: bytes | None) -> None:
-        if key.startswith(self._nodes_prefix):
+        if self._rows_prefix is not None and key.startswith(self._rows_prefix):
+            self._apply_row(key, value)
+        elif key.startswith(self._nodes_prefix):
             self._apply_node(key, self._nodes_prefix, value, decode_healthmesh)
         elif key.startswith(self._alive_prefix):
             where = split_key(key, self._alive_prefix)

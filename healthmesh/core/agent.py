@@ -189,6 +189,7 @@ class Agent:
                 if rnd is None or rnd.duration is None
                 else round(rnd.duration, 3),
             },
+            "scheduler": self.scheduler.lateness(),
             "probe_kinds": sorted(self.probes),
             # Service checks, apart from nodes: they never change a node's state.
             "checks": self.checks.views(),

@@ -81,6 +81,7 @@ class Row:
     api_p50_ms: float = 0.0
     api_max_ms: float = 0.0
     api_bytes: int = 0
+    api_errors: int = 0
     rss_series_mb: list[float] = field(default_factory=list)
     cpu_5s_series_pct: list[float] = field(default_factory=list)
 
@@ -133,14 +134,23 @@ def iptables(op: str) -> None:
     subprocess.run(["iptables", op, *rule], check=op != "-D", capture_output=True)
 
 
-def status(c: httpx.Client) -> tuple[dict[str, Any], float, int]:
-    t = time.perf_counter()
-    resp = c.get("/v1/status")
-    body = resp.content
-    ms = (time.perf_counter() - t) * 1000.0
-    if resp.status_code != 200:
-        raise SystemExit(f"/v1/status answered {resp.status_code}")
-    return json.loads(body), ms, len(body)
+def status(c: httpx.Client, row: Row) -> tuple[dict[str, Any], float, int]:
+    """GET /v1/status; a cut answer is counted in ``api_errors`` and asked again (3 tries)."""
+    for attempt in range(3):
+        t = time.perf_counter()
+        try:
+            resp = c.get("/v1/status")
+            body = resp.content
+        except httpx.HTTPError as exc:
+            row.api_errors += 1
+            if attempt == 2:
+                raise SystemExit(f"/v1/status failed 3 times: {exc}") from None
+            continue
+        ms = (time.perf_counter() - t) * 1000.0
+        if resp.status_code != 200:
+            raise SystemExit(f"/v1/status answered {resp.status_code}")
+        return json.loads(body), ms, len(body)
+    raise AssertionError("unreachable")
 
 
 def run_row(peers: int, interval: float, dead_pct: float, duration: float, window: int) -> Row:
@@ -186,7 +196,7 @@ def run_row(peers: int, interval: float, dead_pct: float, duration: float, windo
                 cpu_marks.append((now, sum(proc.cpu_times()[:2])))
                 row.rss_series_mb.append(round(proc.memory_info().rss / 2**20, 1))
                 if now >= next_api:
-                    snap, ms, size = status(c)
+                    snap, ms, size = status(c, row)
                     api_ms.append(ms)
                     row.api_bytes = size
                     next_api = now + 5.0
@@ -199,7 +209,7 @@ def run_row(peers: int, interval: float, dead_pct: float, duration: float, windo
             row.sawtooth_ratio = round(row.cpu_max_5s_pct / max(row.cpu_mean_pct, 0.01), 2)
             row.rss_end_mb = row.rss_series_mb[-1]
             row.rss_growth_pct = round(100.0 * (row.rss_end_mb / row.rss_start_mb - 1), 1)
-            snap, ms, size = status(c)
+            snap, ms, size = status(c, row)
             api_ms.append(ms)
             row.api_p50_ms = round(statistics.median(api_ms), 1)
             row.api_max_ms = round(max(api_ms), 1)
@@ -273,7 +283,7 @@ def main() -> int:
               f"| {r.rss_growth_pct} | {r.lag_p50_ms}/{r.lag_p99_ms}/{r.lag_max_ms} "
               f"| {r.late_starts} of {r.starts} | {r.false_failures} "
               f"| {r.dead_detected}/{r.dead_expected} | {r.live_rtt_p50_ms} "
-              f"| {r.api_p50_ms}/{r.api_max_ms} |")
+              f"| {r.api_p50_ms}/{r.api_max_ms} ({r.api_errors} cut) |")
     if args.json:
         Path(args.json).write_text(json.dumps(
             {"cores": os.cpu_count(), "python": platform.python_version(),

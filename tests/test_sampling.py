@@ -86,3 +86,34 @@ def test_config_bounds_observers_and_always(tmp_path) -> None:  # type: ignore[n
     cfg.write_text('[node]\nname = "a"\naddresses = ["127.0.0.1"]\n[probing]\nalways = [""]\n')
     with pytest.raises(ConfigError, match=r"probing\.always"):
         load_raw(str(cfg))
+
+
+def test_the_agent_probes_its_ring_targets_the_always_list_and_itself(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from healthmesh.cli import load_config
+    from healthmesh.core.agent import Agent
+    from healthmesh.core.model import Node
+
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(
+        '[node]\nname = "n0"\naddresses = ["127.0.0.1"]\n'
+        '[probing]\nobservers = 2\nalways = ["n7"]\n'
+        '[sources.static]\nnodes = [{name = "x", addresses = ["127.9.9.9"]}]\n'
+    )
+    config, registry = load_config(str(cfg))
+    agent = Agent(config, registry, console="json")
+    peers = [Node(f"n{i}", addresses=(f"127.8.0.{i}",)) for i in range(1, 20)]
+    agent.membership.on_change = agent._membership_changed
+    agent.membership.replace("static", peers)
+    members = ["default/n0", *(p.id for p in peers)]
+    want = {"default/n0", "default/n7", *targets_of(members, "default/n0", 2)}
+    assert {slot.path.node_id for slot in agent.scheduler.slots.values()} == want
+    snap = agent.snapshot().data
+    assert {f"default/{n['name']}" for n in snap["nodes"]} == want
+    assert snap["summary"]["nodes"] == len(want)
+    assert snap["sampling"] == {"observers": 2, "members": 20, "probed": len(want),
+                                "always": ["n7"]}
+    # A membership change re-assigns at once.
+    agent.membership.replace("static", peers[:10])
+    members = members[:11]
+    want = {"default/n0", "default/n7", *targets_of(members, "default/n0", 2)}
+    assert {slot.path.node_id for slot in agent.scheduler.slots.values()} == want

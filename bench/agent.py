@@ -84,6 +84,7 @@ class Row:
     api_max_ms: float = 0.0
     api_bytes: int = 0
     api_errors: int = 0
+    log_warnings: list[str] = field(default_factory=list)
     rss_series_mb: list[float] = field(default_factory=list)
     cpu_5s_series_pct: list[float] = field(default_factory=list)
 
@@ -248,6 +249,11 @@ def run_row(peers: int, interval: float, dead_pct: float, duration: float, windo
             agent.wait()
         if dead:
             iptables("-D")
+        try:  # the agent's warnings (a blocked loop, ...), the last 20, for the JSON
+            lines = (tmp / "agent.log").read_text(errors="replace").splitlines()
+            row.log_warnings = [ln for ln in lines if "WARNING" in ln or "ERROR" in ln][-20:]
+        except OSError:
+            pass
         shutil.rmtree(tmp, ignore_errors=True)
     return row
 

@@ -229,3 +229,18 @@ async def test_nodes_with_a_longer_interval_are_probed_less_often(accept_log: Ac
     # About 7 rounds of 0.5 s: every one probes the local peers, one in three the remote one.
     assert len(accept_log.times["127.0.1.1"]) >= 6
     assert 2 <= len(accept_log.times["127.0.3.1"]) <= 3
+
+
+async def test_lateness_of_round_starts_is_counted(accept_log: AcceptLog) -> None:
+    tcp = TcpProbe(TcpSettings(port=accept_log.port), None)  # type: ignore[arg-type]
+    sched = Scheduler(probing(), {"tcp": tcp}, StateStore(3, 100), seed="me")
+    assert sched.lateness()["starts"] == 0 and sched.lateness()["lag_p99_ms"] is None
+    await run_for(sched, 2.2, peers(10))
+    lat = sched.lateness()
+    # Rounds 0 and 1 started 10 probes each (round 0 at max_rate), round 2 a few.
+    assert lat["starts"] >= 20 and lat["lag_samples"] == lat["starts"]
+    assert 0 <= lat["lag_p50_ms"] <= lat["lag_p99_ms"] <= lat["lag_max_ms"]
+    assert lat["lag_max_ms"] <= lat["lag_max_ms_ever"]
+    assert lat["lag_p50_ms"] < 500  # paced starts are not seconds late, even on a busy machine
+    assert set(lat) == {"lag_p50_ms", "lag_p99_ms", "lag_max_ms", "lag_samples", "starts",
+                        "late", "lag_max_ms_ever", "skipped", "skipped_rounds"}

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from collections import deque
-
 from healthmesh import PathState, ProbeResult
 from healthmesh.core.state import KindState, combine
 
 
 def fresh(threshold: int = 3, window: int = 10) -> KindState:
-    return KindState(threshold, window, history=deque())
+    return KindState(threshold, window)
 
 
 def test_a_path_stays_unknown_until_it_answers_or_fails_threshold_times() -> None:

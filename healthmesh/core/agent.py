@@ -32,6 +32,7 @@ from healthmesh.core.membership import Membership
 from healthmesh.core.mesh import assemble, row_from_snapshot
 from healthmesh.core.model import Node, Snapshot
 from healthmesh.core.plugins import PluginRegistry
+from healthmesh.core.sampling import Ring
 from healthmesh.core.scheduler import RoundInfo, Scheduler
 from healthmesh.core.snapshot import build_snapshot
 from healthmesh.core.state import StateStore
@@ -106,6 +107,9 @@ class Agent:
         self.store = StateStore(p.failure_threshold, p.window, self.telemetry)
         self.membership = Membership(self.local_node, on_change=self._membership_changed)
         self.telemetry.primary_of = self.membership.is_primary
+        # Sampled mesh (probing.observers > 0): the ring and the ids of the nodes probed.
+        self._ring = Ring()
+        self._probed: set[str] | None = None
         self.probes: dict[str, Probe] = {}
         self.sources: list[PeerSource] = []
         self.outputs: list[Output] = []
@@ -123,7 +127,7 @@ class Agent:
         self._build(console)
         self._transitions = StateEvents(
             self.events,
-            self.membership.nodes,
+            self.probed_nodes,
             lambda node: self.membership.paths_of(node, host=p.host, endpoint=p.endpoint),
             self.store,
             lambda: self.probes,
@@ -216,6 +220,7 @@ class Agent:
                 if rnd is None or rnd.duration is None
                 else round(rnd.duration, 3),
             },
+            "scheduler": self.scheduler.lateness(),
             "probe_kinds": sorted(self.probes),
             # Service checks, apart from nodes: they never change a node's state.
             "checks": self.checks.views(),
@@ -227,6 +232,13 @@ class Agent:
         stats = {o.name: st for o in self.outputs if (st := o.stats()) is not None}
         if stats:
             extra["outputs"] = stats
+        if self._probed is not None:
+            extra["sampling"] = {
+                "observers": self.config.probing.observers,
+                "members": len(self._ring),
+                "probed": len(self._probed),
+                "always": list(self.config.probing.always),
+            }
         return build_snapshot(
             self.membership,
             self.store,
@@ -235,6 +247,7 @@ class Agent:
             timestamp=timestamp,
             components=self.health.listing(),
             extra=extra,
+            probed=self._probed,
         )
 
     async def probe_round(self) -> Snapshot:
@@ -355,11 +368,34 @@ class Agent:
 
     # -- wiring -------------------------------------------------------------------------
 
+    def probed_nodes(self) -> list[Node]:
+        """The nodes this agent probes: all of them, or in a sampled mesh its assignment."""
+        nodes = self.membership.nodes()
+        if self._probed is None:
+            return nodes
+        return [n for n in nodes if n.id in self._probed]
+
+    def _assign(self) -> None:
+        """Sampled mesh: this node, its ring targets and the ``always`` list (core/sampling.py)."""
+        p = self.config.probing
+        if p.observers <= 0:
+            self._probed = None
+            return
+        nodes = self.membership.nodes()
+        self._ring.rebuild(n.id for n in nodes)
+        local = self.local_node.id
+        probed = {local, *self._ring.targets(local, p.observers)}
+        if p.always:
+            always = set(p.always)
+            probed.update(n.id for n in nodes if n.name in always or n.id in always)
+        self._probed = probed
+
     def _membership_changed(self) -> None:
         p = self.config.probing
+        self._assign()
         paths = [
             path
-            for node in self.membership.nodes()
+            for node in self.probed_nodes()
             for path in self.membership.paths_of(node, host=p.host, endpoint=p.endpoint)
         ]
         self.scheduler.set_paths(paths)

@@ -190,6 +190,11 @@ class ProbingSettings(Settings):
     window: int = 100
     host: bool = True
     endpoint: bool = True
+    #: Sampled mesh: each node is probed by this many observers (0: every agent probes
+    #: every node). core/sampling.py, docs/architecture.md "Sampled mesh".
+    observers: int = 0
+    #: With ``observers``: nodes (name or cluster/name) this agent probes in any case.
+    always: list[str] = msgspec.field(default_factory=list)
 
 
 class LogSettings(Settings):
@@ -385,6 +390,10 @@ def _check_core(raw: RawConfig) -> None:
             f"probing.max_rate: must be between 1 and {MAX_RATE:g} probes per second",
         ),
         (not 2 <= p.window <= 100_000, "probing.window: must be between 2 and 100000"),
+        (not 0 <= p.observers <= 1000, "probing.observers: must be between 0 and 1000"),
+        (len(p.always) > 10_000, "probing.always: at most 10000 names"),
+        (any(not 1 <= len(a) <= 512 for a in p.always),
+         "probing.always: names must be 1 to 512 characters long"),
         (not 10 <= raw.core.events.ring <= 1_000_000,
          "events.ring: must be between 10 and 1000000"),
         (not 10 <= raw.core.events.buffer <= 100_000,

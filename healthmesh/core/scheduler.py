@@ -21,6 +21,7 @@ import hashlib
 import math
 import random
 import time
+from array import array
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,6 +49,10 @@ MAX_CONFIRMING = 100
 MAX_OPEN_ROUNDS = 8
 #: Rounds start at least this far apart, even when a (programmatic) interval is shorter.
 MIN_ROUND_GAP = 0.01
+#: Lateness of this many most recent scheduled starts is kept for ``lateness()``.
+LAG_SAMPLES = 8192
+#: A scheduled start later than this counts in ``lateness()["late"]``.
+LATE_AFTER = 0.1
 
 
 @dataclass(eq=False)
@@ -123,6 +128,14 @@ class Scheduler:
         #: Round starts skipped because earlier rounds had not finished.
         self.skipped_rounds = 0
         self._round_finished = anyio.Event()
+        # How late round probes start against their schedule (seconds): the latest
+        # LAG_SAMPLES in a ring, plus counts since start.
+        self._lags = array("d", bytes(8 * LAG_SAMPLES))
+        self._lag_pos = 0
+        self._lag_n = 0
+        self.starts = 0
+        self.late_starts = 0
+        self.max_lag = 0.0
         self._on_round_busy = False
         self._on_round_next: RoundInfo | None = None
 
@@ -257,12 +270,15 @@ class Scheduler:
         while i < n:
             due = due_slots[i][0]
             await _sleep_until(due)
-            self.store.telemetry.started_late(anyio.current_time() - due)
-            horizon = max(anyio.current_time(), due) + tick
+            now = anyio.current_time()
+            self.store.telemetry.started_late(now - due)
+            horizon = max(now, due) + tick
             batch: list[Slot] = []
             while i < n and due_slots[i][0] < horizon:
                 if not due_slots[i][1].removed:
                     batch.append(due_slots[i][1])
+                    if rnd is not None:
+                        self._note_lag(now - due_slots[i][0])
                 i += 1
             self._launch_batch(batch, rnd)
 
@@ -462,6 +478,40 @@ class Scheduler:
         self.probes.pop(kind, None)
         self._prompt = [s for s in self._prompt if s.kind != kind]
 
+    def _note_lag(self, lag: float) -> None:
+        """Account one round start ``lag`` seconds after its due time (early counts as 0)."""
+        if lag < 0.0:
+            lag = 0.0
+        self._lags[self._lag_pos] = lag
+        self._lag_pos = (self._lag_pos + 1) % LAG_SAMPLES
+        if self._lag_n < LAG_SAMPLES:
+            self._lag_n += 1
+        self.starts += 1
+        if lag > LATE_AFTER:
+            self.late_starts += 1
+        if lag > self.max_lag:
+            self.max_lag = lag
+
+    def lateness(self) -> dict[str, Any]:
+        """How late round probes started against their schedule (the snapshot's ``scheduler``).
+
+        p50/p99/max over the latest ``LAG_SAMPLES`` starts; ``starts``, ``late`` (later than
+        ``LATE_AFTER``) and ``max_ms_ever`` since the agent started; probes and rounds skipped.
+        """
+        n = self._lag_n
+        recent = sorted(self._lags[:n]) if n else []
+        return {
+            "lag_p50_ms": _ms(recent[int(0.5 * (n - 1))]) if n else None,
+            "lag_p99_ms": _ms(recent[int(0.99 * (n - 1))]) if n else None,
+            "lag_max_ms": _ms(recent[-1]) if n else None,
+            "lag_samples": n,
+            "starts": self.starts,
+            "late": self.late_starts,
+            "lag_max_ms_ever": _ms(self.max_lag),
+            "skipped": self.skipped,
+            "skipped_rounds": self.skipped_rounds,
+        }
+
     def _done(self, key: SlotKey) -> None:
         left = self._inflight.get(key, 1) - 1
         if left <= 0:
@@ -539,6 +589,10 @@ class Scheduler:
     def round_duration_bound(self) -> float:
         """How long a steady round may take: interval + timeout (+ scheduler grace)."""
         return self.probing.interval + self.probing.timeout + GRACE
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000.0, 3)
 
 
 async def _sleep_until(deadline: float) -> None:

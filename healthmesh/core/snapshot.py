@@ -20,16 +20,20 @@ def build_snapshot(
     timestamp: float | None = None,
     components: list[dict[str, Any]] | None = None,
     extra: dict[str, Any] | None = None,
+    probed: set[str] | None = None,
 ) -> Snapshot:
     """The agent's current view: every node, path and kind, with summary counts.
 
     ``components`` is the agent's component states (``ComponentHealth.listing()``).
+    ``probed`` (a sampled mesh) limits the nodes to those ids: the nodes this agent probes.
     """
     nodes_out: list[dict[str, Any]] = []
     counts = {"reachable": 0, "unreachable": 0, "unknown": 0}
     clusters: dict[str, dict[str, int]] = {}
     local_id = membership.local.id
     for node in membership.nodes():
+        if probed is not None and node.id not in probed:
+            continue
         paths_out: list[dict[str, Any]] = []
         states: list[PathState] = []
         for path in membership.paths_of(node, host=probing.host, endpoint=probing.endpoint):

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import bisect
 import math
 import time
-from collections import deque
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from array import array
+from collections.abc import Iterable, Sequence
 from datetime import datetime, timezone
 from typing import Any
 
@@ -32,31 +30,85 @@ def rfc3339(ts: float | None) -> str | None:
     return f"{_SECOND[1]}.{ms:03d}Z"
 
 
-@dataclass
 class KindState:
-    """State of one path for one probe kind.
+    """State of one path for one probe kind, and its rolling statistics over ``window`` results.
 
     ``failure_threshold`` consecutive failures make the path unreachable; one success makes
     it reachable. Until either happens the state stays unknown.
+
+    Storage is compact because an agent keeps tens of thousands of these (docs/architecture.md,
+    "Per-path storage"): the window is one preallocated ring of doubles (a loss stored as +inf),
+    each float detail gets one too, and of the latest result only the fields the view shows
+    are kept, never the ``ProbeResult`` itself.
     """
 
-    failure_threshold: int
-    window: int
-    state: PathState = PathState.UNKNOWN
-    consecutive_failures: int = 0
-    last: ProbeResult | None = None
-    last_ok: ProbeResult | None = None
-    last_change: float | None = None
-    probes: int = 0
-    failures: int = 0
-    history: deque[tuple[bool, float | None]] = field(default_factory=deque)
-    detail_history: dict[str, deque[float]] = field(default_factory=dict)
-    # Running aggregates of the window, so statistics cost O(1) to read at any scale:
-    # the successful RTTs kept sorted, their sum, the count of losses, detail sums.
-    _sorted_rtts: list[float] = field(default_factory=list, repr=False)
-    _rtt_sum: float = 0.0
-    _lost: int = 0
-    _detail_sums: dict[str, float] = field(default_factory=dict, repr=False)
+    __slots__ = (
+        "_detail_rings",
+        "_details",
+        "_error",
+        "_finished",
+        "_has_last",
+        "_lost",
+        "_n",
+        "_no_rtt",
+        "_ok",
+        "_pos",
+        "_ring",
+        "_rtt",
+        "_rtt_sum",
+        "_started",
+        "consecutive_failures",
+        "failure_threshold",
+        "failures",
+        "last_change",
+        "last_ok_started",
+        "probes",
+        "state",
+        "window",
+    )
+
+    def __init__(self, failure_threshold: int, window: int) -> None:
+        self.failure_threshold = failure_threshold
+        self.window = max(1, window)
+        self.state = PathState.UNKNOWN
+        self.consecutive_failures = 0
+        self.last_change: float | None = None
+        self.probes = 0
+        self.failures = 0
+        #: When the latest successful probe was sent (None before the first success).
+        self.last_ok_started: float | None = None
+        # The latest (non-stale) result, field by field.
+        self._has_last = False
+        self._ok = False
+        self._rtt: float | None = None
+        self._error: str | None = None
+        self._started = 0.0
+        self._finished = 0.0
+        self._details: dict[str, Any] | None = None
+        # The window: RTT of each result (+inf: lost; -inf: ok without an RTT), written
+        # round-robin at _pos; allocated whole up front, so memory does not creep while
+        # the window fills.
+        self._ring = array("d", bytes(8 * self.window))
+        self._pos = 0
+        self._n = 0
+        self._rtt_sum = 0.0
+        self._lost = 0
+        self._no_rtt = 0
+        # Float details: key -> [ring, next write position, count, sum of the ring].
+        self._detail_rings: dict[str, list[Any]] | None = None
+
+    @property
+    def last(self) -> ProbeResult | None:
+        """The latest result (rebuilt from what is kept; None before the first)."""
+        if not self._has_last:
+            return None
+        return ProbeResult(self._ok, self._rtt, self._error, dict(self._details or {}),
+                           self._started, self._finished)
+
+    @property
+    def samples(self) -> int:
+        """Results in the window."""
+        return self._n
 
     def record(self, result: ProbeResult) -> bool:
         """Fold one result in; return True when the state changed.
@@ -65,27 +117,26 @@ class KindState:
         confirmation re-probe that timed out late) is old news: it counts as loss in the
         statistics but not toward ``failure_threshold``, which counts consecutive failures.
         """
+        ok = result.ok
         stale = (
-            not result.ok
-            and self.last_ok is not None
-            and 0 < result.started_at < self.last_ok.started_at
+            not ok
+            and self.last_ok_started is not None
+            and 0 < result.started_at < self.last_ok_started
         )
         if not stale:
-            self.last = result
+            self._has_last = True
+            self._ok = ok
+            self._rtt = result.rtt
+            self._error = result.error
+            self._started = result.started_at
+            self._finished = result.finished_at
+            self._details = result.details or None
         self.probes += 1
-        self._push(result.ok, result.rtt)
-        for key, value in result.details.items():
-            if type(value) is float:  # measurements (connect_ms); counts are not averaged
-                dq = self.detail_history.get(key)
-                if dq is None:
-                    dq = self.detail_history[key] = deque()
-                dq.append(value)
-                total = self._detail_sums.get(key, 0.0) + value
-                if len(dq) > self.window:
-                    total -= dq.popleft()
-                self._detail_sums[key] = total
-        if result.ok:
-            self.last_ok = result
+        self._push(ok, result.rtt)
+        if result.details:
+            self._push_details(result.details)
+        if ok:
+            self.last_ok_started = result.started_at
             self.consecutive_failures = 0
             new = PathState.REACHABLE
         elif stale:
@@ -106,19 +157,58 @@ class KindState:
         return False
 
     def _push(self, ok: bool, rtt: float | None) -> None:
-        self.history.append((ok, rtt))
-        if ok and rtt is not None:
-            bisect.insort(self._sorted_rtts, rtt)
-            self._rtt_sum += rtt
-        elif not ok:
+        if not ok:
+            value = _LOST
             self._lost += 1
-        if len(self.history) > self.window:
-            old_ok, old_rtt = self.history.popleft()
-            if old_ok and old_rtt is not None:
-                del self._sorted_rtts[bisect.bisect_left(self._sorted_rtts, old_rtt)]
-                self._rtt_sum -= old_rtt
-            elif not old_ok:
+        elif rtt is None or not math.isfinite(rtt):
+            value = _NO_RTT
+            self._no_rtt += 1
+        else:
+            value = rtt
+            self._rtt_sum += rtt
+        ring = self._ring
+        pos = self._pos
+        if self._n < self.window:
+            self._n += 1
+        else:
+            old = ring[pos]
+            if old == _LOST:
                 self._lost -= 1
+            elif old == _NO_RTT:
+                self._no_rtt -= 1
+            else:
+                self._rtt_sum -= old
+        ring[pos] = value
+        pos += 1
+        if pos == self.window:
+            pos = 0
+            # Once per window, sum afresh: the running sum's rounding error stays bounded.
+            self._rtt_sum = math.fsum(v for v in ring if _NO_RTT < v < _LOST)
+        self._pos = pos
+
+    def _push_details(self, details: dict[str, Any]) -> None:
+        for key, value in details.items():
+            if type(value) is not float:  # measurements (connect_ms); counts are not averaged
+                continue
+            rings = self._detail_rings
+            if rings is None:
+                rings = self._detail_rings = {}
+            entry = rings.get(key)
+            if entry is None:
+                entry = rings[key] = [array("d", bytes(8 * self.window)), 0, 0, 0.0]
+            ring, pos, n, total = entry
+            if n < self.window:
+                entry[2] = n + 1
+            else:
+                total -= ring[pos]
+            ring[pos] = value
+            total += value
+            pos += 1
+            if pos == self.window:
+                pos = 0
+                total = math.fsum(ring)
+            entry[1] = pos
+            entry[3] = total
 
     def stats(self) -> dict[str, Any]:
         """Rolling statistics over the window: RTTs in ms, loss in percent."""
@@ -127,10 +217,14 @@ class KindState:
         return out
 
     def _fill_stats(self, out: dict[str, Any]) -> None:
-        rtts = self._sorted_rtts
-        n = len(self.history)
-        k = len(rtts)
+        n = self._n
+        k = n - self._lost - self._no_rtt
         if k:
+            # Sorted afresh (a few µs for 100 doubles) rather than kept sorted: an array
+            # that grows as results arrive would make memory creep until the window fills.
+            # Losses (+inf) sort last and RTT-less successes (-inf) first.
+            ordered = sorted(self._ring[:n] if n < self.window else self._ring)
+            rtts = ordered[self._no_rtt:self._no_rtt + k]
             out["min_ms"] = round(rtts[0] * 1000.0, 3)
             out["avg_ms"] = round(max(self._rtt_sum, 0.0) / k * 1000.0, 3)
             out["max_ms"] = round(rtts[-1] * 1000.0, 3)
@@ -142,30 +236,34 @@ class KindState:
         out["samples"] = n
         out["consecutive_failures"] = self.consecutive_failures
         out["last_change"] = rfc3339(self.last_change)
-        for key, values in self.detail_history.items():
-            if values:
-                out[key + "_avg"] = round(self._detail_sums[key] / len(values), 3)
+        if self._detail_rings:
+            for key, (_ring, _pos, count, total) in self._detail_rings.items():
+                out[key + "_avg"] = round(total / count, 3)
 
     def as_dict(self) -> dict[str, Any]:
         """The JSON form of a per-kind probe entry (docs/snapshot.schema.json)."""
-        last = self.last
         out: dict[str, Any] = {"state": self.state.value}
-        if last is None:
+        if not self._has_last:
             out["rtt_ms"] = out["error"] = out["last_probed"] = None
         else:
-            ok = last.ok
-            out["rtt_ms"] = round(last.rtt * 1000.0, 3) if ok and last.rtt is not None else None
-            out["error"] = None if ok else last.error
-            out["last_probed"] = rfc3339(last.started_at)
+            ok = self._ok
+            rtt = self._rtt
+            out["rtt_ms"] = round(rtt * 1000.0, 3) if ok and rtt is not None else None
+            out["error"] = None if ok else self._error
+            out["last_probed"] = rfc3339(self._started)
         self._fill_stats(out)
-        if last is not None:
-            for key, value in last.details.items():
+        if self._details:
+            for key, value in self._details.items():
                 if key not in out:
                     out[key] = round(value, 3) if type(value) is float else value
         return out
 
 
-def _quantile(sorted_values: list[float], q: float) -> float:
+_LOST = math.inf
+_NO_RTT = -math.inf
+
+
+def _quantile(sorted_values: Sequence[float], q: float) -> float:
     if len(sorted_values) == 1:
         return sorted_values[0]
     pos = q * (len(sorted_values) - 1)
@@ -214,7 +312,7 @@ class StateStore:
             if retired is not None and time.monotonic() - retired[0] < RETIRED_TTL:
                 st = retired[1]
             else:
-                st = KindState(self.failure_threshold, self.window, history=deque())
+                st = KindState(self.failure_threshold, self.window)
             self._states[k] = st
             self.telemetry.path_added(key, kind, st.state)
         return st

@@ -238,7 +238,13 @@ class ApiProtocol(H11Protocol):
         self._reply_and_close(status, message)
 
     def timeout_keep_alive_handler(self) -> None:
-        if self.transport.is_closing() or not self.idle():
+        if self.transport.is_closing():
+            return
+        if not self.idle():
+            if self.flow.write_paused:
+                # An answer in progress that waits only for a client that does not read.
+                self.table.timed_out += 1
+                self.drop()
             return
         self.table.timed_out += 1
         started = self.conn.their_state is not h11.IDLE or bool(self.conn.trailing_data[0])
@@ -259,6 +265,14 @@ class ApiProtocol(H11Protocol):
             self._arm()
             return
         super().on_response_complete()
+
+    def pause_writing(self) -> None:
+        # The client stopped reading, perhaps in the middle of an answer: from now on it has
+        # idle_timeout to read on, or the connection goes (else an answer blocked on a client
+        # that never reads would hold the connection forever). Every pause restarts the
+        # deadline: a client that reads slowly but reads is not cut off.
+        super().pause_writing()
+        self._arm()
 
     def resume_writing(self) -> None:
         super().resume_writing()

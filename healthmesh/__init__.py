@@ -24,6 +24,7 @@ from healthmesh.core.config import (
     Name,
     Settings,
     check_against_local,
+    check_ranges,
     config_relative,
     parse_nodes,
 )
@@ -72,6 +73,7 @@ __all__ = [
     "__version__",
     "cell_state",
     "check_against_local",
+    "check_ranges",
     "config_relative",
     "format_duration",
     "header_line",

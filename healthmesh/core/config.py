@@ -48,6 +48,20 @@ class Duration(float):
         return f"Duration({format_duration(self)!r})"
 
 
+def check_ranges(settings: Any, bounds: dict[str, tuple[float, float]]) -> None:
+    """Raise ValueError ``KEY: VALUE is out of range (LOW to HIGH)`` for the first of
+    ``bounds``' keys whose value in ``settings`` lies outside its inclusive range."""
+    for key, (low, high) in bounds.items():
+        value = getattr(settings, key)
+        if not low <= value <= high:
+            if isinstance(value, Duration):
+                shown = f"{format_duration(value)!r}"
+                span = f"{format_duration(low)} to {format_duration(high)}"
+            else:
+                shown, span = str(value), f"{int(low)} to {int(high)}"
+            raise ValueError(f"{key}: {shown} is out of range ({span})")
+
+
 class IPAddress(str):
     """An IPv4 or IPv6 address in canonical text form."""
 

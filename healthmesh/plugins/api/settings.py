@@ -8,7 +8,7 @@ from typing import Any
 
 import msgspec
 
-from healthmesh import ComponentSettings, ConfigPath, Duration, format_duration
+from healthmesh import ComponentSettings, ConfigPath, Duration, check_ranges
 
 DEFAULT_SOCKET = "/run/healthmesh/health.sock"
 SOCKET_ENV = "HEALTHMESH_SOCK"
@@ -67,15 +67,7 @@ class ApiSettings(ComponentSettings):
             raise ValueError(f"socket: {settings.socket!r} is longer than 107 bytes")
         parse_mode(settings.mode)
         resolve_group(settings.group)
-        for key, (low, high) in LIMIT_BOUNDS.items():
-            value = getattr(settings, key)
-            if not low <= value <= high:
-                if isinstance(value, Duration):
-                    shown = f"{format_duration(value)!r}"
-                    span = f"{format_duration(low)} to {format_duration(high)}"
-                else:
-                    shown, span = str(value), f"{int(low)} to {int(high)}"
-                raise ValueError(f"{key}: {shown} is out of range ({span})")
+        check_ranges(settings, LIMIT_BOUNDS)
 
 
 def parse_mode(mode: str | int) -> int:

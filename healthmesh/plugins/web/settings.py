@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 
-from healthmesh import ComponentSettings, Duration, format_duration
+from healthmesh import ComponentSettings, Duration, check_ranges
 
 DEFAULT_LISTEN = "127.0.0.1:9968"
 
@@ -55,15 +55,7 @@ class WebSettings(ComponentSettings):
             raise ValueError("username: required with password (basic auth needs both)")
         if ":" in settings.username:
             raise ValueError("username: must not contain ':' (basic auth separates on it)")
-        for key, (low, high) in LIMIT_BOUNDS.items():
-            value = getattr(settings, key)
-            if not low <= value <= high:
-                if isinstance(value, Duration):
-                    shown = f"{format_duration(value)!r}"
-                    span = f"{format_duration(low)} to {format_duration(high)}"
-                else:
-                    shown, span = str(value), f"{int(low)} to {int(high)}"
-                raise ValueError(f"{key}: {shown} is out of range ({span})")
+        check_ranges(settings, LIMIT_BOUNDS)
 
 
 def parse_listen(text: str) -> tuple[str, int]:

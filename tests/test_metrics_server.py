@@ -135,11 +135,16 @@ def test_flood_of_scrapes_is_cheap_and_the_agent_keeps_probing(agent) -> None:  
                     have += len(s.recv(65536))
             else:
                 answered += get(port)[0] == 200
-    elapsed = time.monotonic() - started
     cpu = sum(p.cpu_times()[:2]) - cpu_before
     assert answered >= 100
-    # Rendering is cached (200 ms), so a flood costs the agent little more than the I/O.
-    assert cpu / elapsed < 0.9, f"agent CPU {cpu:.2f}s over {elapsed:.2f}s of flood"
+    # Rendering is cached (200 ms), so a scrape costs the agent little more than its I/O.
+    # Measured per answered scrape, not as a share of the wall time: a client that sends
+    # back-to-back makes any server busy for the whole flood, and on a loaded machine the
+    # wall time is the scheduler's, not ours. Measured: 0.7 ms on a quiet machine.
+    per_scrape = cpu / answered
+    assert per_scrape < 0.005, (
+        f"agent CPU {cpu:.2f}s for {answered} scrapes ({per_scrape * 1000:.1f} ms each)"
+    )
     assert p.memory_info().rss - rss_before < 30 * 1024 * 1024
     # Probing went on meanwhile: new rounds completed (interval 500 ms).
     doc = proc.wait_for(lambda d: d["round"]["completed"] >= rounds_before + 2, timeout=10)

@@ -2,6 +2,8 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
+# Parallel test workers (pytest-xdist, one test file per worker at a time); 0 runs serially.
+TEST_WORKERS ?= 2
 # Debian packages: python3-venv for the virtual environment; what the tests and benchmarks
 # drive: namespaces and firewall rules, fping and
 # ApacheBench for side-by-side benchmarks, etcd for the membership tests, openssl for the
@@ -52,7 +54,7 @@ lint: venv
 	$(BIN)/ruff check .
 
 test: system-packages venv lint
-	$(BIN)/pytest
+	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile
 	$(MAKE) --no-print-directory test-py310
 
 test-py310:

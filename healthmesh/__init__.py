@@ -30,6 +30,7 @@ from healthmesh.core.config import (
 )
 from healthmesh.core.events import Event, EventLog, Gap
 from healthmesh.core.hookspecs import hookimpl
+from healthmesh.core.listen import format_listen, parse_listen
 from healthmesh.core.mesh import cell_state
 from healthmesh.core.model import Node, Path, PathState, ProbeResult, Role, Snapshot
 from healthmesh.core.render import header_line, summary_table
@@ -76,10 +77,12 @@ __all__ = [
     "check_ranges",
     "config_relative",
     "format_duration",
+    "format_listen",
     "header_line",
     "hookimpl",
     "kernel_receive_ns",
     "parse_duration",
+    "parse_listen",
     "parse_nodes",
     "rfc3339",
     "summary_table",

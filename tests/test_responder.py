@@ -234,8 +234,8 @@ def test_listen_addresses_are_validated_naming_the_entry() -> None:
     Responder.validate_settings(ok, None)
     cases = {
         "::4240": "listen[1]: '::4240' is not a listen address",
-        "[::]:99999": "listen[1]: '[::]:99999': '99999' is not a TCP port",
-        "localhost:4240": "listen[1]: 'localhost:4240': 'localhost' is not an IP address",
+        "[::]:99999": "listen[1]: '99999' is not a TCP port",
+        "localhost:4240": "listen[1]: 'localhost' is not an IP address",
         "0.0.0.0:4240": "listen[1]: '0.0.0.0:4240' is listed twice",
     }
     for bad, message in cases.items():

@@ -214,15 +214,15 @@ def test_the_demo_config_logs_the_url_and_serves_the_demo_mesh(tmp_path: Path) -
 
 
 def test_listen_addresses_and_urls() -> None:
-    from healthmesh.plugins.web.settings import parse_listen, url_of
+    from healthmesh.plugins.web.settings import parse_web_listen, url_of
 
-    assert parse_listen("127.0.0.1:9968") == ("127.0.0.1", 9968)
-    assert parse_listen("[::1]:0") == ("::1", 0)
+    assert parse_web_listen("127.0.0.1:9968") == ("127.0.0.1", 9968)
+    assert parse_web_listen("[::1]:0") == ("::1", 0)
     assert url_of("::", 9968) == "http://[::1]:9968/"
     assert url_of("0.0.0.0", 80) == "http://127.0.0.1:80/"
     for bad in ("::1:9968", "[::1]9968", "127.0.0.1", "host:1"):
         with pytest.raises(ValueError, match="listen"):
-            parse_listen(bad)
+            parse_web_listen(bad)
 
 
 def _snapshot(n: int, t: str, state: str = "reachable") -> dict[str, Any]:

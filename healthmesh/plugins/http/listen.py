@@ -8,33 +8,9 @@ use"), and each address can be configured, and bound, on its own.
 from __future__ import annotations
 
 import errno
-import ipaddress
 import socket
 
-
-def parse_listen(text: str) -> tuple[str, int]:
-    """``(address, port)`` from ``ADDR:PORT`` (IPv6 in brackets); ValueError saying why not."""
-    hint = 'use ADDR:PORT, with an IPv6 address in brackets, e.g. "0.0.0.0:4240" or "[::]:4240"'
-    if text.startswith("["):
-        host, sep, port_text = text[1:].partition("]:")
-        if not sep or ":" not in host:
-            raise ValueError(f"{text!r} is not a listen address; {hint}")
-    else:
-        host, sep, port_text = text.rpartition(":")
-        if not sep or ":" in host:
-            raise ValueError(f"{text!r} is not a listen address; {hint}")
-    try:
-        addr = ipaddress.ip_address(host)
-    except ValueError:
-        raise ValueError(f"{text!r}: {host!r} is not an IP address; {hint}") from None
-    if not port_text.isdigit() or not 0 <= int(port_text) < 65536:
-        raise ValueError(f"{text!r}: {port_text!r} is not a TCP port (1-65535; 0 picks a free one)")
-    return str(addr), int(port_text)
-
-
-def format_listen(address: str, port: int) -> str:
-    """The ``ADDR:PORT`` text of a listen address (IPv6 in brackets)."""
-    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+from healthmesh import format_listen, parse_listen
 
 
 def check_listen(addresses: list[str]) -> list[tuple[str, int]]:

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import ipaddress
 import ssl
 
-from healthmesh import ComponentSettings, Duration
+from healthmesh import ComponentSettings, Duration, parse_listen
 
 DEFAULT_LISTEN = "127.0.0.1:9967"
 
@@ -42,7 +41,10 @@ class MetricsSettings(ComponentSettings):
     @classmethod
     def validate(cls, s: MetricsSettings) -> tuple[str, int]:
         """``(address, port)``; ValueError naming the key when a value cannot work."""
-        pair = parse_listen(s.listen)
+        try:
+            pair = parse_listen(s.listen, example=DEFAULT_LISTEN)
+        except ValueError as exc:
+            raise ValueError(f"listen: {exc}") from None
         if s.max_peers < 1:
             raise ValueError("max_peers: must be at least 1")
         if s.max_connections < 1:
@@ -94,23 +96,3 @@ def read_password(path: str) -> str:
     if not password:
         raise ValueError(f"basic_auth_password_file: {path!r} is empty")
     return password
-
-
-def parse_listen(text: str) -> tuple[str, int]:
-    """``(address, port)`` from ``ADDR:PORT``; ValueError ``listen: ...`` saying why not."""
-    hint = 'use ADDR:PORT, with an IPv6 address in brackets, e.g. "127.0.0.1:9967"'
-    if text.startswith("["):
-        host, sep, port_text = text[1:].partition("]:")
-    else:
-        host, sep, port_text = text.rpartition(":")
-        if ":" in host:
-            sep = ""
-    if not sep:
-        raise ValueError(f"listen: {text!r} is not a listen address; {hint}")
-    try:
-        addr = ipaddress.ip_address(host)
-    except ValueError:
-        raise ValueError(f"listen: {host!r} is not an IP address; {hint}") from None
-    if not port_text.isdigit() or not 0 <= int(port_text) < 65536:
-        raise ValueError(f"listen: {port_text!r} is not a TCP port (0 picks a free one)")
-    return str(addr), int(port_text)

@@ -15,7 +15,7 @@ from healthmesh.plugins.web.app import WebApp, encode
 from healthmesh.plugins.web.history import History
 from healthmesh.plugins.web.mesh import cell, compact, local_mesh
 from healthmesh.plugins.web.server import Server
-from healthmesh.plugins.web.settings import WebSettings, parse_listen, url_of
+from healthmesh.plugins.web.settings import WebSettings, parse_web_listen, url_of
 
 #: Before the first round, a live view is rebuilt at most this often (seconds).
 LIVE_TTL = 1.0
@@ -182,7 +182,7 @@ class WebOutput(Output):
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Listen (OSError naming the address when it cannot), log the URL, serve."""
-        host, port = parse_listen(self.settings.listen)
+        host, port = parse_web_listen(self.settings.listen)
         try:
             listener = await anyio.create_tcp_listener(local_host=host, local_port=port)
         except OSError as exc:

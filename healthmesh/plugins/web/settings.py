@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import ipaddress
-
-from healthmesh import ComponentSettings, Duration, check_ranges
+from healthmesh import ComponentSettings, Duration, check_ranges, parse_listen
 
 DEFAULT_LISTEN = "127.0.0.1:9968"
 
@@ -48,7 +46,7 @@ class WebSettings(ComponentSettings):
     @classmethod
     def validate(cls, settings: WebSettings) -> None:
         """Raise ValueError naming the key when a value cannot work."""
-        parse_listen(settings.listen)
+        parse_web_listen(settings.listen)
         if settings.username and not settings.password:
             raise ValueError("password: required with username (basic auth needs both)")
         if settings.password and not settings.username:
@@ -58,24 +56,12 @@ class WebSettings(ComponentSettings):
         check_ranges(settings, LIMIT_BOUNDS)
 
 
-def parse_listen(text: str) -> tuple[str, int]:
-    """``(address, port)`` from ``ADDR:PORT`` (IPv6 in brackets); ValueError naming ``listen``."""
-    hint = 'use ADDR:PORT, an IPv6 address in brackets, e.g. "127.0.0.1:9968" or "[::1]:9968"'
-    if text.startswith("["):
-        host, sep, port_text = text[1:].partition("]:")
-        ok = bool(sep) and ":" in host
-    else:
-        host, sep, port_text = text.rpartition(":")
-        ok = bool(sep) and ":" not in host
-    if not ok:
-        raise ValueError(f"listen: {text!r} is not a listen address; {hint}")
+def parse_web_listen(text: str) -> tuple[str, int]:
+    """``(address, port)`` of the page's ``listen``; ValueError ``listen: ...`` saying why not."""
     try:
-        addr = ipaddress.ip_address(host)
-    except ValueError:
-        raise ValueError(f"listen: {host!r} is not an IP address; {hint}") from None
-    if not port_text.isdigit() or not 0 <= int(port_text) < 65536:
-        raise ValueError(f"listen: {port_text!r} is not a TCP port (1-65535; 0 picks a free one)")
-    return str(addr), int(port_text)
+        return parse_listen(text, example=DEFAULT_LISTEN)
+    except ValueError as exc:
+        raise ValueError(f"listen: {exc}") from None
 
 
 def url_of(address: str, port: int) -> str:

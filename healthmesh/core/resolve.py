@@ -35,14 +35,7 @@ def resolve(raw: RawConfig, registry: PluginRegistry, *, need_peers: bool = True
             settings = convert(data or {}, reg.cls.Settings, section, config_path=raw.path)
         except ConfigError as exc:
             raise raw.error(str(exc)) from None
-        validate = getattr(reg.cls, "validate_settings", None)
-        if validate is not None:
-            try:
-                validate(settings, config)
-            except ValueError as exc:
-                text = str(exc)
-                sep = "." if re.match(r"^[A-Za-z_][A-Za-z0-9_]*[.\[:]", text) else ": "
-                raise raw.error(f"{section}{sep}{text}") from None
+        _validate(raw, section, reg.cls, settings, config)
         if getattr(settings, "enabled", True):
             config.components[section] = settings
     config.checks = resolve_checks(raw, registry, config)
@@ -102,14 +95,7 @@ def resolve_checks(raw: RawConfig, registry: PluginRegistry, config: Config) -> 
         except ConfigError as exc:
             raise raw.error(str(exc)) from None
         _check_common(raw, where, settings, config)
-        validate = getattr(reg.cls, "validate_settings", None)
-        if validate is not None:
-            try:
-                validate(settings, config)
-            except ValueError as exc:
-                text = str(exc)
-                sep = "." if re.match(r"^[A-Za-z_][A-Za-z0-9_]*[.\[:]", text) else ": "
-                raise raw.error(f"{where}{sep}{text}") from None
+        _validate(raw, where, reg.cls, settings, config)
         if getattr(settings, "enabled", True):
             out[name] = settings
     return out
@@ -205,3 +191,17 @@ def _drop_none(value: Any) -> Any:
     if isinstance(value, list):
         return [_drop_none(v) for v in value]
     return value
+
+
+def _validate(raw: RawConfig, where: str, cls: type, settings: Any, config: Config) -> None:
+    """The plugin's ``validate_settings``; its ValueError as one config error under ``where``."""
+    validate = getattr(cls, "validate_settings", None)
+    if validate is None:
+        return
+    try:
+        validate(settings, config)
+    except ValueError as exc:
+        text = str(exc)
+        # "key: ..." and "key[0]: ..." hang off the section with a dot; prose with ": ".
+        sep = "." if re.match(r"^[A-Za-z_][A-Za-z0-9_]*[.\[:]", text) else ": "
+        raise raw.error(f"{where}{sep}{text}") from None

@@ -3,6 +3,7 @@
 Plugins (built-in and third-party alike) import only from here.
 """
 
+from healthmesh.core.backoff import Backoff
 from healthmesh.core.components import (
     AgentContext,
     Check,
@@ -44,6 +45,7 @@ __version__ = "0.1.0"
 __all__ = [
     "SO_TIMESTAMPNS",
     "AgentContext",
+    "Backoff",
     "Check",
     "CheckSettings",
     "CheckUnavailable",

@@ -8,7 +8,6 @@ shown stale, and a new session starts after a backoff (0.5 s doubling to ``retry
 
 from __future__ import annotations
 
-import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -16,7 +15,7 @@ from typing import Any
 import anyio
 from loguru import logger
 
-from healthmesh import Node
+from healthmesh import Backoff, Node
 from healthmesh.plugins.clustermesh.client import EtcdClient, EtcdCompacted, EtcdError
 from healthmesh.plugins.clustermesh.connection import Connection
 from healthmesh.plugins.clustermesh.records import (
@@ -29,24 +28,6 @@ from healthmesh.plugins.clustermesh.tables import NodeTable
 
 #: Seconds between liveness checks of a read-only follower.
 PING_INTERVAL = 5.0
-
-
-class Backoff:
-    """Exponential backoff with jitter: 0.5 s, 1 s, 2 s, ... up to ``cap``."""
-
-    def __init__(self, cap: float, first: float = 0.5) -> None:
-        self.cap = cap
-        self.first = first
-        self.attempt = 0
-
-    def next(self) -> float:
-        """The pause before the next attempt."""
-        base = min(self.cap, self.first * 2**self.attempt)
-        self.attempt = min(self.attempt + 1, 32)
-        return base * random.uniform(0.8, 1.0)
-
-    def reset(self) -> None:
-        self.attempt = 0
 
 
 @dataclass

@@ -9,7 +9,6 @@ the copy whole, so objects deleted meanwhile go too. Errors back off from 0.5 s,
 
 from __future__ import annotations
 
-import random
 from collections.abc import Callable
 from typing import Any
 
@@ -17,23 +16,9 @@ import anyio
 import httpx
 from loguru import logger
 
+from healthmesh import Backoff
 from healthmesh.plugins.sources.kubernetes.api import Api, ApiError, Resource
 from healthmesh.plugins.sources.kubernetes.nodes import name_of
-
-
-class Backoff:
-    """0.5 s, 1 s, 2 s, ... up to ``cap``, with jitter so agents do not retry in step."""
-
-    def __init__(self, cap: float, first: float = 0.5) -> None:
-        self.cap, self.first, self.attempt = cap, first, 0
-
-    def next(self) -> float:
-        base = min(self.cap, self.first * 2**self.attempt)
-        self.attempt = min(self.attempt + 1, 32)
-        return base * random.uniform(0.8, 1.0)
-
-    def reset(self) -> None:
-        self.attempt = 0
 
 
 class Reflector:

@@ -25,6 +25,7 @@ from tests.events_support import (
     Responder,
     StreamReader,
     event_validator,
+    fast_agent_config,
     is_change,
     ring,
     wait_ring,
@@ -44,27 +45,7 @@ addresses = ["127.0.0.4"]
 
 
 def config(sock: Path, port: int, nodes: Path) -> str:
-    return f"""
-[node]
-name = "me"
-addresses = ["127.0.0.1"]
-[probing]
-interval = "500ms"
-timeout = "300ms"
-confirm_probes = 2
-confirm_spacing = "20ms"
-[plugins]
-disable = ["icmp"]
-[responder]
-listen = ["127.0.0.1:{port}"]
-[probes.http]
-port = {port}
-[sources.file]
-path = "{nodes}"
-poll = "200ms"
-[outputs.api]
-socket = "{sock}"
-"""
+    return fast_agent_config(sock, port, f'[sources.file]\npath = "{nodes}"\npoll = "200ms"\n')
 
 
 class Lab:

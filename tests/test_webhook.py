@@ -23,7 +23,14 @@ import httpx
 import pytest
 
 from tests.agentproc import free_port
-from tests.events_support import Responder, event_validator, is_change, ring, wait_ring
+from tests.events_support import (
+    Responder,
+    event_validator,
+    fast_agent_config,
+    is_change,
+    ring,
+    wait_ring,
+)
 from tests.test_api_support import AgentProcess
 
 SECRET = b"s3cret-key\n"
@@ -120,28 +127,9 @@ class SwitchPeer:
 
 
 def agent_config(sock: Path, port: int, peers: str, webhook: str) -> str:
-    return f"""
-[node]
-name = "me"
-addresses = ["127.0.0.1"]
-[probing]
-interval = "500ms"
-timeout = "300ms"
-confirm_probes = 2
-confirm_spacing = "20ms"
-[plugins]
-disable = ["icmp"]
-[responder]
-listen = ["127.0.0.1:{port}"]
-[probes.http]
-port = {port}
-[sources.static]
-nodes = [{peers}]
-[outputs.api]
-socket = "{sock}"
-[outputs.webhook]
-{webhook}
-"""
+    return fast_agent_config(
+        sock, port, f"[sources.static]\nnodes = [{peers}]\n[outputs.webhook]\n{webhook}\n"
+    )
 
 
 def stats(sock: str) -> dict[str, Any]:

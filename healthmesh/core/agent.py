@@ -34,7 +34,7 @@ from healthmesh.core.model import Node, Snapshot
 from healthmesh.core.plugins import PluginRegistry
 from healthmesh.core.sampling import Ring
 from healthmesh.core.scheduler import RoundInfo, Scheduler
-from healthmesh.core.snapshot import build_snapshot
+from healthmesh.core.snapshot import SnapshotBuilder
 from healthmesh.core.state import StateStore
 from healthmesh.core.telemetry import Telemetry
 from healthmesh.core.units import format_duration
@@ -155,6 +155,8 @@ class Agent:
         self._indirect: dict[str, dict[str, Any]] = {}
         self._last_round: RoundInfo | None = None
         self._round_snapshot: Snapshot | None = None
+        #: Re-renders only the nodes whose paths changed since the previous snapshot.
+        self._snapshots = SnapshotBuilder()
 
     def _build(self, console: str | None) -> None:
         for section, settings in self.config.components.items():
@@ -239,7 +241,7 @@ class Agent:
                 "probed": len(self._probed),
                 "always": list(self.config.probing.always),
             }
-        return build_snapshot(
+        return self._snapshots.build(
             self.membership,
             self.store,
             sorted(self.probes),

@@ -1,4 +1,11 @@
-"""Build the JSON snapshot (docs/snapshot.schema.json) from the membership and path states."""
+"""Build the JSON snapshot (docs/snapshot.schema.json) from the membership and path states.
+
+A ``SnapshotBuilder`` keeps each node's rendered entry and reuses it while the node and the
+per-kind views it was built from are the same objects: the state store replaces a path's
+view with a new dict on every result, so an identity check says "unchanged" exactly. A
+snapshot taken between rounds (a state change, an API or metrics read) then costs a lookup
+per node, not a rendering of every path.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +14,178 @@ from typing import Any
 
 from healthmesh.core.config import ProbingSettings
 from healthmesh.core.membership import Membership
-from healthmesh.core.model import PathState, Snapshot
-from healthmesh.core.state import StateStore, combine, rfc3339
+from healthmesh.core.model import Node, Snapshot
+from healthmesh.core.state import StateStore, rfc3339
+
+_UNREACHABLE = "unreachable"
+_REACHABLE = "reachable"
+_UNKNOWN = "unknown"
+
+
+class _NodeEntry:
+    """A node's rendered entry and what it was rendered from."""
+
+    __slots__ = ("kinds", "local", "node", "out", "source", "state", "views")
+
+    def __init__(
+        self, node: Node, source: str | None, local: bool, kinds: tuple[str, ...],
+        views: list[Any], out: dict[str, Any], state: str,
+    ) -> None:
+        self.node = node
+        self.source = source
+        self.local = local
+        self.kinds = kinds
+        self.views = views
+        self.out = out
+        self.state = state
+
+
+class SnapshotBuilder:
+    """Builds snapshots, re-rendering only the nodes that changed since the previous one.
+
+    The node entries it returns are shared between snapshots: readers must not modify them
+    (none does; the per-kind views were already shared the same way).
+    """
+
+    def __init__(self) -> None:
+        self._nodes: dict[str, _NodeEntry] = {}
+        self._host: bool | None = None
+        self._endpoint: bool | None = None
+        #: Nodes rendered afresh by the latest build (for tests and benchmarks).
+        self.rendered = 0
+
+    def build(
+        self,
+        membership: Membership,
+        store: StateStore,
+        kinds: list[str],
+        probing: ProbingSettings,
+        *,
+        timestamp: float | None = None,
+        components: list[dict[str, Any]] | None = None,
+        extra: dict[str, Any] | None = None,
+        probed: set[str] | None = None,
+    ) -> Snapshot:
+        """The agent's current view: every node, path and kind, with summary counts.
+
+        ``components`` is the agent's component states (``ComponentHealth.listing()``).
+        ``probed`` (a sampled mesh) limits the nodes to those ids: the nodes this agent probes.
+        """
+        host, endpoint = probing.host, probing.endpoint
+        if (host, endpoint) != (self._host, self._endpoint):
+            self._nodes.clear()
+            self._host, self._endpoint = host, endpoint
+        kinds_t = tuple(kinds)
+        cache = self._nodes
+        seen: dict[str, _NodeEntry] = {}
+        nodes_out: list[dict[str, Any]] = []
+        counts = {_REACHABLE: 0, _UNREACHABLE: 0, _UNKNOWN: 0}
+        clusters: dict[str, dict[str, int]] = {}
+        local_id = membership.local.id
+        view = store.view
+        rendered = 0
+        for node in membership.nodes():
+            nid = node.id
+            if probed is not None and nid not in probed:
+                continue
+            paths = membership.paths_of(node, host=host, endpoint=endpoint)
+            views = [view(path.key, kind) for path in paths for kind in kinds_t]
+            source = membership.origin(nid)
+            entry = cache.get(nid)
+            if (
+                entry is None
+                or (entry.node is not node and entry.node != node)
+                # Not part of a Node's equality, and dicts a source could change in place.
+                or entry.out["labels"] != node.labels
+                or entry.out["info"] != node.info
+                or entry.source != source
+                or entry.kinds != kinds_t
+                or len(entry.views) != len(views)
+                or any(a is not b for a, b in zip(entry.views, views))
+            ):
+                entry = _render(node, source, nid == local_id, kinds_t, paths, views)
+                rendered += 1
+            seen[nid] = entry
+            state = entry.state
+            counts[state] += 1
+            per = clusters.get(node.cluster)
+            if per is None:
+                per = clusters[node.cluster] = {
+                    "nodes": 0, _REACHABLE: 0, _UNREACHABLE: 0, _UNKNOWN: 0,
+                }
+            per["nodes"] += 1
+            per[state] += 1
+            nodes_out.append(entry.out)
+        self._nodes = seen  # nodes that left are dropped
+        self.rendered = rendered
+        data: dict[str, Any] = {
+            "timestamp": rfc3339(timestamp or time.time()),
+            "interval_s": float(probing.interval),
+            "local": {"name": membership.local.name, "cluster": membership.local.cluster},
+            "summary": {"nodes": len(nodes_out), **counts, "clusters": clusters},
+            "nodes": nodes_out,
+            "sources": {
+                name: {"nodes": st.nodes, "stale": st.stale, "reason": st.reason}
+                for name, st in membership.status.items()
+            },
+            "components": list(components or []),
+        }
+        if extra:
+            data.update(extra)
+        return Snapshot(data)
+
+
+def _render(
+    node: Node, source: str | None, local: bool, kinds: tuple[str, ...], paths: list[Any],
+    views: list[Any],
+) -> _NodeEntry:
+    """One node's entry, from its paths and their per-kind views (in ``paths`` × ``kinds``)."""
+    paths_out: list[dict[str, Any]] = []
+    # The node's state, as core.state.combine: any unreachable part makes it unreachable,
+    # all parts reachable make it reachable, anything else (or no part) is unknown.
+    any_part = False
+    all_reachable = True
+    unreachable = False
+    i = 0
+    for path in paths:
+        probes: dict[str, Any] = {}
+        for kind in kinds:
+            v = views[i]
+            i += 1
+            if v is None:
+                continue
+            probes[kind] = v
+            any_part = True
+            s = v["state"]
+            if s != _REACHABLE:
+                all_reachable = False
+                if s == _UNREACHABLE:
+                    unreachable = True
+        paths_out.append(
+            {
+                "address": path.address,
+                "role": path.role,
+                "primary": path.primary,
+                "probes": probes,
+            }
+        )
+    if unreachable:
+        state = _UNREACHABLE
+    elif any_part and all_reachable:
+        state = _REACHABLE
+    else:
+        state = _UNKNOWN
+    out = {
+        "name": node.name,
+        "cluster": node.cluster,
+        "state": state,
+        "local": local,
+        "source": source,
+        "labels": dict(node.labels),
+        "info": dict(node.info),
+        "paths": paths_out,
+    }
+    return _NodeEntry(node, source, local, kinds, views, out, state)
 
 
 def build_snapshot(
@@ -22,67 +199,8 @@ def build_snapshot(
     extra: dict[str, Any] | None = None,
     probed: set[str] | None = None,
 ) -> Snapshot:
-    """The agent's current view: every node, path and kind, with summary counts.
-
-    ``components`` is the agent's component states (``ComponentHealth.listing()``).
-    ``probed`` (a sampled mesh) limits the nodes to those ids: the nodes this agent probes.
-    """
-    nodes_out: list[dict[str, Any]] = []
-    counts = {"reachable": 0, "unreachable": 0, "unknown": 0}
-    clusters: dict[str, dict[str, int]] = {}
-    local_id = membership.local.id
-    for node in membership.nodes():
-        if probed is not None and node.id not in probed:
-            continue
-        paths_out: list[dict[str, Any]] = []
-        states: list[PathState] = []
-        for path in membership.paths_of(node, host=probing.host, endpoint=probing.endpoint):
-            probes: dict[str, Any] = {}
-            for kind in kinds:
-                view = store.view(path.key, kind)
-                if view is None:
-                    continue
-                probes[kind] = view
-                states.append(PathState(view["state"]))
-            paths_out.append(
-                {
-                    "address": path.address,
-                    "role": path.role,
-                    "primary": path.primary,
-                    "probes": probes,
-                }
-            )
-        state = combine(states)
-        counts[state.value] += 1
-        per = clusters.setdefault(
-            node.cluster, {"nodes": 0, "reachable": 0, "unreachable": 0, "unknown": 0}
-        )
-        per["nodes"] += 1
-        per[state.value] += 1
-        nodes_out.append(
-            {
-                "name": node.name,
-                "cluster": node.cluster,
-                "state": state.value,
-                "local": node.id == local_id,
-                "source": membership.origin(node.id),
-                "labels": dict(node.labels),
-                "info": dict(node.info),
-                "paths": paths_out,
-            }
-        )
-    data: dict[str, Any] = {
-        "timestamp": rfc3339(timestamp or time.time()),
-        "interval_s": float(probing.interval),
-        "local": {"name": membership.local.name, "cluster": membership.local.cluster},
-        "summary": {"nodes": len(nodes_out), **counts, "clusters": clusters},
-        "nodes": nodes_out,
-        "sources": {
-            name: {"nodes": st.nodes, "stale": st.stale, "reason": st.reason}
-            for name, st in membership.status.items()
-        },
-        "components": list(components or []),
-    }
-    if extra:
-        data.update(extra)
-    return Snapshot(data)
+    """A snapshot rendered in full (no reuse): ``SnapshotBuilder.build`` of a fresh builder."""
+    return SnapshotBuilder().build(
+        membership, store, kinds, probing, timestamp=timestamp, components=components,
+        extra=extra, probed=probed,
+    )

@@ -38,6 +38,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import shutil
 import signal
 import socket
@@ -90,6 +91,8 @@ class Row:
     api_bytes: int = 0
     api_errors: int = 0
     log_warnings: list[str] = field(default_factory=list)
+    #: The latest error of live paths whose latest probe failed, addresses blanked: count.
+    live_errors: dict[str, int] = field(default_factory=dict)
     rss_series_mb: list[float] = field(default_factory=list)
     cpu_5s_series_pct: list[float] = field(default_factory=list)
 
@@ -253,6 +256,10 @@ def run_row(peers: int, interval: float, dead_pct: float, duration: float, windo
                     continue
                 for path in node["paths"]:
                     for kind, probe in path["probes"].items():
+                        if probe.get("error"):
+                            text = re.sub(r"127\.\d+\.\d+\.\d+", "ADDR", probe["error"])
+                            text = f"{kind}: {text}"
+                            row.live_errors[text] = row.live_errors.get(text, 0) + 1
                         if probe["state"] != "reachable":
                             row.false_failures += 1
                         elif kind == "http" and probe.get("avg_ms") is not None:

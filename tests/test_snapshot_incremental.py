@@ -81,7 +81,7 @@ def test_incremental_snapshots_equal_full_renderings_after_random_changes(seed: 
             m.replace("static", peers.values())
             track(m, store, kinds)
         elif op < 0.85:  # a kind switched off or back on
-            kinds = ["icmp"] if len(kinds) == 2 else list(KINDS)
+            kinds = rng.choice([k for k in (["icmp"], ["http"], list(KINDS)) if k != kinds])
             track(m, store, kinds)
         elif op < 0.9:  # a source goes stale
             m.mark_stale("static", "watch failed")

@@ -25,13 +25,16 @@ _UNKNOWN = "unknown"
 class _NodeEntry:
     """A node's rendered entry and what it was rendered from."""
 
-    __slots__ = ("kinds", "local", "node", "out", "source", "state", "views")
+    __slots__ = ("keys", "kinds", "local", "node", "out", "paths", "source", "state", "views")
 
     def __init__(
         self, node: Node, source: str | None, local: bool, kinds: tuple[str, ...],
-        views: list[Any], out: dict[str, Any], state: str,
+        paths: list[Any], views: list[Any], out: dict[str, Any], state: str,
     ) -> None:
         self.node = node
+        self.paths = paths
+        #: (path key, kind) of each view, in order: built once, not per snapshot.
+        self.keys = [(path.key, kind) for path in paths for kind in kinds]
         self.source = source
         self.local = local
         self.kinds = kinds
@@ -88,23 +91,38 @@ class SnapshotBuilder:
             nid = node.id
             if probed is not None and nid not in probed:
                 continue
-            paths = membership.paths_of(node, host=host, endpoint=endpoint)
-            views = [view(path.key, kind) for path in paths for kind in kinds_t]
             source = membership.origin(nid)
             entry = cache.get(nid)
-            if (
-                entry is None
-                or (entry.node is not node and entry.node != node)
-                # Not part of a Node's equality, and dicts a source could change in place.
-                or entry.out["labels"] != node.labels
-                or entry.out["info"] != node.info
-                or entry.source != source
-                or entry.kinds != kinds_t
-                or len(entry.views) != len(views)
-                or any(a is not b for a, b in zip(entry.views, views))
-            ):
+            if entry is not None and entry.node is node:
+                # The same node object: same paths; unchanged if every view is the same.
+                views = [view(key, kind) for key, kind in entry.keys]
+                fresh = (
+                    entry.source != source
+                    or entry.kinds != kinds_t
+                    or any(a is not b for a, b in zip(entry.views, views))
+                )
+            else:
+                paths = membership.paths_of(node, host=host, endpoint=endpoint)
+                views = [view(path.key, kind) for path in paths for kind in kinds_t]
+                fresh = (
+                    entry is None
+                    or entry.node != node
+                    # Not part of a Node's equality.
+                    or entry.out["labels"] != node.labels
+                    or entry.out["info"] != node.info
+                    or entry.source != source
+                    or entry.kinds != kinds_t
+                    or len(entry.views) != len(views)
+                    or any(a is not b for a, b in zip(entry.views, views))
+                )
+            if fresh:
+                paths = membership.paths_of(node, host=host, endpoint=endpoint)
+                views = [view(path.key, kind) for path in paths for kind in kinds_t]
                 entry = _render(node, source, nid == local_id, kinds_t, paths, views)
                 rendered += 1
+            else:
+                assert entry is not None
+                entry.node = node  # an equal node: keep the newest object
             seen[nid] = entry
             state = entry.state
             counts[state] += 1
@@ -185,7 +203,7 @@ def _render(
         "info": dict(node.info),
         "paths": paths_out,
     }
-    return _NodeEntry(node, source, local, kinds, views, out, state)
+    return _NodeEntry(node, source, local, kinds, paths, views, out, state)
 
 
 def build_snapshot(

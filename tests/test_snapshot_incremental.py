@@ -122,3 +122,39 @@ def test_a_snapshot_between_rounds_re_renders_only_the_changed_nodes() -> None:
     assert renderer.encoded == 1
     entry = next(n for n in snap.data["nodes"] if n["name"] == "n7")
     assert entry["paths"][0]["probes"]["icmp"]["state"] == "reachable"
+
+
+@pytest.mark.anyio
+async def test_a_cooperative_build_lets_other_tasks_run_and_gives_the_same_snapshot() -> None:
+    import anyio
+    import anyio.lowlevel
+
+    from healthmesh.core.snapshot import RENDER_CHUNK
+
+    local = Node("me", addresses=("10.0.0.1",))
+    m = Membership(local)
+    m.feed("static")
+    n = 3 * RENDER_CHUNK
+    m.replace("static", [Node(f"n{i}", addresses=(f"10.1.{i // 250}.{i % 250 + 1}",))
+                         for i in range(n)])
+    store = StateStore(3, 10)
+    track(m, store, KINDS)
+    probing = ProbingSettings()
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await anyio.lowlevel.checkpoint()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(ticker)
+        await anyio.lowlevel.checkpoint()
+        before = ticks
+        snap = await SnapshotBuilder().build_async(m, store, KINDS, probing, timestamp=1.0)
+        during = ticks - before
+        tg.cancel_scope.cancel()
+    assert snap.data == build_snapshot(m, store, KINDS, probing, timestamp=1.0).data
+    assert len(snap.data["nodes"]) == n + 1
+    assert during >= 3  # the other task ran between chunks of rendered nodes

@@ -213,7 +213,20 @@ class Agent:
         rnd = self._last_round
         return self._build_snapshot(None if rnd is None else rnd.started_wall)
 
+    async def _snapshot_async(self) -> Snapshot:
+        """``snapshot()``, yielding to other tasks while many nodes are re-rendered."""
+        rnd = self._last_round
+        args, kwargs = self._snapshot_inputs(None if rnd is None else rnd.started_wall)
+        return await self._snapshots.build_async(*args, **kwargs)
+
     def _build_snapshot(self, timestamp: float | None) -> Snapshot:
+        args, kwargs = self._snapshot_inputs(timestamp)
+        return self._snapshots.build(*args, **kwargs)
+
+    def _snapshot_inputs(
+        self, timestamp: float | None
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """What ``SnapshotBuilder.build`` is called with, now."""
         rnd = self._last_round
         extra: dict[str, Any] = {
             "round": {
@@ -241,15 +254,14 @@ class Agent:
                 "probed": len(self._probed),
                 "always": list(self.config.probing.always),
             }
-        return self._snapshots.build(
-            self.membership,
-            self.store,
-            sorted(self.probes),
-            self.config.probing,
-            timestamp=timestamp,
-            components=self.health.listing(),
-            extra=extra,
-            probed=self._probed,
+        return (
+            (self.membership, self.store, sorted(self.probes), self.config.probing),
+            {
+                "timestamp": timestamp,
+                "components": self.health.listing(),
+                "extra": extra,
+                "probed": self._probed,
+            },
         )
 
     async def probe_round(self) -> Snapshot:
@@ -409,7 +421,7 @@ class Agent:
         self._last_round = rnd
         self.telemetry.round_finished(rnd.duration)
         logger.debug("round {} finished in {:.3f}s", rnd.number, rnd.duration or 0.0)
-        await self._hand_to_outputs("round_completed", self.snapshot())
+        await self._hand_to_outputs("round_completed", await self._snapshot_async())
 
     async def _watch_scheduler(self) -> None:
         """Judge the scheduler's own health every few seconds (not per round: a scheduler
@@ -470,7 +482,7 @@ class Agent:
             self._changed = anyio.Event()
             await self._changed.wait()
             await anyio.sleep(CHANGE_SETTLE)  # one snapshot for a burst of changes
-            await self._hand_to_outputs("state_changed", self.snapshot())
+            await self._hand_to_outputs("state_changed", await self._snapshot_async())
             await anyio.sleep(gap - CHANGE_SETTLE)
 
     async def run(self) -> int:

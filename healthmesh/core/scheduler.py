@@ -127,6 +127,7 @@ class Scheduler:
         #: Called (synchronously) with (path, kind, old, new, result) for every change.
         self.on_transition = on_transition
         self.slots: dict[SlotKey, Slot] = {}
+        self._sorted: list[Slot] | None = None  # slots by order; None: to sort again
         self.rounds: list[RoundInfo] = []
         self.completed_rounds = 0
         self.last_round: RoundInfo | None = None
@@ -177,6 +178,7 @@ class Scheduler:
                 for rnd in self.rounds:
                     rnd.pending.discard(key)
         added: list[Slot] = []
+        self._sorted = None
         for key, path in wanted.items():
             slot = self.slots.get(key)
             if slot is None:
@@ -191,6 +193,12 @@ class Scheduler:
             self._prompt.extend(added)
             self._prompt_event.set()
         self._check_rounds()
+
+    def _ordered(self) -> list[Slot]:
+        """Every slot in probing order, sorted once per change of the slot set."""
+        if self._sorted is None:
+            self._sorted = sorted(self.slots.values(), key=lambda s: s.order)
+        return self._sorted
 
     def _order(self, key: SlotKey) -> int:
         digest = hashlib.blake2b(repr((self.seed, key)).encode(), digest_size=8).digest()
@@ -219,14 +227,11 @@ class Scheduler:
                 await self._wait_for_open_rounds(interval)
                 start = anyio.current_time()
                 self.round_reprobes = 0
-                order = sorted(
-                    (
-                        s
-                        for s in self.slots.values()
-                        if number == 0 or (number + s.order) % s.every == 0
-                    ),
-                    key=lambda s: s.order,
-                )
+                order = [
+                    s
+                    for s in self._ordered()
+                    if number == 0 or s.every == 1 or (number + s.order) % s.every == 0
+                ]
                 rnd = RoundInfo(number, start, time.time(), {s.key for s in order})
                 self.rounds.append(rnd)
                 if order:

@@ -719,9 +719,10 @@ def _freeze_long_lived() -> None:
     Called once, after the first round: the slots, path states, nodes and plugins are built
     and live as long as the agent. A full collection would otherwise walk all of them —
     260,000 objects and 150–300 ms of held event loop at 5,000 peers, seconds on a loaded
-    machine, long enough for every probe in flight to time out. They are freed by reference
-    counting as before when they go (none of them is in a cycle); later objects are
-    collected as usual.
+    machine, long enough for every probe in flight to time out. Frozen objects that go are
+    still freed by reference counting (a path's state, a node: no cycles); only a cycle
+    among them would stay, and what the agent builds at start lives as long as it does.
+    Objects made later are collected as usual.
     """
     gc.collect()
     gc.freeze()

@@ -126,14 +126,13 @@ class SnapshotBuilder:
                 continue
             source = membership.origin(nid)
             entry = cache.get(nid)
-            if entry is not None and entry.node is node:
+            if entry is not None and entry.node is node and entry.kinds == kinds_t:
                 # The same node object: same paths; unchanged if every view is the same.
                 views = [view(key, kind) for key, kind in entry.keys]
-                fresh = (
-                    entry.source != source
-                    or entry.kinds != kinds_t
-                    or any(a is not b for a, b in zip(entry.views, views))
+                fresh = entry.source != source or any(
+                    a is not b for a, b in zip(entry.views, views)
                 )
+                paths = entry.paths
             else:
                 paths = membership.paths_of(node, host=host, endpoint=endpoint)
                 views = [view(path.key, kind) for path in paths for kind in kinds_t]
@@ -149,8 +148,6 @@ class SnapshotBuilder:
                     or any(a is not b for a, b in zip(entry.views, views))
                 )
             if fresh:
-                paths = membership.paths_of(node, host=host, endpoint=endpoint)
-                views = [view(path.key, kind) for path in paths for kind in kinds_t]
                 entry = _render(node, source, nid == local_id, kinds_t, paths, views)
                 rendered += 1
                 if rendered % RENDER_CHUNK == 0:

@@ -36,11 +36,14 @@ class _NodeEntry:
     def __init__(
         self, node: Node, source: str | None, local: bool, kinds: tuple[str, ...],
         paths: list[Any], views: list[Any], out: dict[str, Any], state: str,
+        keys: list[tuple[Any, str]] | None = None,
     ) -> None:
         self.node = node
         self.paths = paths
-        #: (path key, kind) of each view, in order: built once, not per snapshot.
-        self.keys = [(path.key, kind) for path in paths for kind in kinds]
+        #: (path key, kind) of each view, in order: built once per node, not per snapshot.
+        self.keys = keys if keys is not None else [
+            (path.key, kind) for path in paths for kind in kinds
+        ]
         self.source = source
         self.local = local
         self.kinds = kinds
@@ -128,12 +131,14 @@ class SnapshotBuilder:
             entry = cache.get(nid)
             if entry is not None and entry.node is node and entry.kinds == kinds_t:
                 # The same node object: same paths; unchanged if every view is the same.
-                views = [view(key, kind) for key, kind in entry.keys]
-                fresh = entry.source != source or any(
-                    a is not b for a, b in zip(entry.views, views)
-                )
+                keys = entry.keys
+                views = [view(key, kind) for key, kind in keys]
+                # List equality tries identity first: the same view dicts compare in one
+                # step each (equal new ones would render the same entry anyway).
+                fresh = entry.source != source or views != entry.views
                 paths = entry.paths
             else:
+                keys = None
                 paths = membership.paths_of(node, host=host, endpoint=endpoint)
                 views = [view(path.key, kind) for path in paths for kind in kinds_t]
                 fresh = (
@@ -148,7 +153,7 @@ class SnapshotBuilder:
                     or any(a is not b for a, b in zip(entry.views, views))
                 )
             if fresh:
-                entry = _render(node, source, nid == local_id, kinds_t, paths, views)
+                entry = _render(node, source, nid == local_id, kinds_t, paths, views, keys)
                 rendered += 1
                 if rendered % RENDER_CHUNK == 0:
                     yield
@@ -187,7 +192,7 @@ class SnapshotBuilder:
 
 def _render(
     node: Node, source: str | None, local: bool, kinds: tuple[str, ...], paths: list[Any],
-    views: list[Any],
+    views: list[Any], keys: list[tuple[Any, str]] | None = None,
 ) -> _NodeEntry:
     """One node's entry, from its paths and their per-kind views (in ``paths`` × ``kinds``)."""
     paths_out: list[dict[str, Any]] = []
@@ -235,7 +240,7 @@ def _render(
         "info": dict(node.info),
         "paths": paths_out,
     }
-    return _NodeEntry(node, source, local, kinds, paths, views, out, state)
+    return _NodeEntry(node, source, local, kinds, paths, views, out, state, keys)
 
 
 def build_snapshot(

@@ -11,10 +11,12 @@ After a warm-up (the first round, at ``max_rate``, and one whole steady round), 
 (psutil), and every 5 s GETs /v1/status over the API socket (latency) including the
 scheduler's lateness block. Reported per row:
   * CPU % of one core: mean, and max over 5 s windows (the saw-tooth), and their ratio;
+    CPU seconds per round (less sensitive to a loaded machine than lateness);
   * RSS at the start of measuring and at the end, and growth in %;
   * schedule lateness of probe starts (p50/p99/max, and starts later than 100 ms);
   * false failures (live peers or paths not reachable at the end), dead peers detected;
-  * /v1/status latency (median and max) and size.
+  * /v1/status latency (median and max; polled from a thread of its own) and size;
+  * confirmation re-probes not sent because of the agent-wide bounds (when reported).
 All traffic stays on 127.0.0.0/8.
 
     .venv/bin/python bench/agent.py [--rows 1000:30,5000:30,10000:30,5000:10,5000:30:10]
@@ -36,12 +38,14 @@ import argparse
 import json
 import os
 import platform
+import re
 import shutil
 import signal
 import socket
 import statistics
 import subprocess
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -65,6 +69,7 @@ class Row:
     duration_s: float
     window: int
     cpu_mean_pct: float = 0.0
+    cpu_s_per_round: float = 0.0
     cpu_max_5s_pct: float = 0.0
     sawtooth_ratio: float = 0.0
     rss_start_mb: float = 0.0
@@ -76,6 +81,7 @@ class Row:
     starts: int = 0
     late_starts: int = 0
     skipped: int = 0
+    confirm_skipped: int | None = None
     false_failures: int = 0
     dead_detected: int = 0
     dead_expected: int = 0
@@ -85,6 +91,8 @@ class Row:
     api_bytes: int = 0
     api_errors: int = 0
     log_warnings: list[str] = field(default_factory=list)
+    #: The latest error of live paths whose latest probe failed, addresses blanked: count.
+    live_errors: dict[str, int] = field(default_factory=dict)
     rss_series_mb: list[float] = field(default_factory=list)
     cpu_5s_series_pct: list[float] = field(default_factory=list)
 
@@ -190,20 +198,32 @@ def run_row(peers: int, interval: float, dead_pct: float, duration: float, windo
             row.rss_start_mb = round(proc.memory_info().rss / 2**20, 1)
             cpu_marks = [(t0, cpu0)]
             api_ms: list[float] = []
-            next_api = t0
+            # The API is polled from a thread of its own, so a slow answer does not stop
+            # the once-a-second CPU and RSS samples.
+            stop = threading.Event()
+
+            def poll_api() -> None:
+                with httpx.Client(transport=httpx.HTTPTransport(uds=str(sock)),
+                                  base_url="http://localhost", timeout=30) as api:
+                    while not stop.is_set():
+                        got = status(api, row)
+                        if got is not None:
+                            api_ms.append(got[1])
+                            row.api_bytes = got[2]
+                        stop.wait(5.0)
+
+            poller = threading.Thread(target=poll_api, daemon=True)
+            poller.start()
             while time.monotonic() - t0 < duration:
                 time.sleep(1.0)
                 now = time.monotonic()
                 cpu_marks.append((now, sum(proc.cpu_times()[:2])))
                 row.rss_series_mb.append(round(proc.memory_info().rss / 2**20, 1))
-                if now >= next_api:
-                    got = status(c, row)
-                    if got is not None:
-                        api_ms.append(got[1])
-                        row.api_bytes = got[2]
-                    next_api = now + 5.0
+            stop.set()
+            poller.join(65)
             t1, cpu1 = cpu_marks[-1]
             row.cpu_mean_pct = round(100.0 * (cpu1 - cpu0) / (t1 - t0), 1)
+            row.cpu_s_per_round = round((cpu1 - cpu0) / ((t1 - t0) / interval), 3)
             for j in range(5, len(cpu_marks), 5):
                 (ta, ca), (tb, cb) = cpu_marks[j - 5], cpu_marks[j]
                 row.cpu_5s_series_pct.append(round(100.0 * (cb - ca) / (tb - ta), 1))
@@ -225,6 +245,7 @@ def run_row(peers: int, interval: float, dead_pct: float, duration: float, windo
             row.starts = sch.get("starts", 0)
             row.late_starts = sch.get("late", 0)
             row.skipped = sch.get("skipped", 0)
+            row.confirm_skipped = sch.get("confirm_skipped")
             rtts: list[float] = []
             for node in snap["nodes"]:
                 if node["local"]:
@@ -235,6 +256,10 @@ def run_row(peers: int, interval: float, dead_pct: float, duration: float, windo
                     continue
                 for path in node["paths"]:
                     for kind, probe in path["probes"].items():
+                        if probe.get("error"):
+                            text = re.sub(r"127\.\d+\.\d+\.\d+", "ADDR", probe["error"])
+                            text = f"{kind}: {text}"
+                            row.live_errors[text] = row.live_errors.get(text, 0) + 1
                         if probe["state"] != "reachable":
                             row.false_failures += 1
                         elif kind == "http" and probe.get("avg_ms") is not None:
@@ -283,17 +308,20 @@ def main() -> int:
     print(f"bench/agent.py: {os.cpu_count()} cores, Python {platform.python_version()}, "
           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load {os.getloadavg()[0]:.1f}, "
           f"{args.duration:g} s measured per row, window {args.window}")
-    print("| peers | interval | dead | CPU mean % | CPU max 5 s % | max/mean | RSS start→end MB "
+    print("| peers | interval | dead | CPU mean % | CPU s/round | CPU max 5 s % | max/mean "
+          "| RSS start→end MB "
           "| growth % | lag p50/p99/max ms | late >100 ms | false failures | dead seen "
-          "| live http avg ms | API p50/max ms |")
-    print("|" + "---|" * 14)
+          "| live http avg ms | API p50/max ms | re-probes skipped |")
+    print("|" + "---|" * 16)
     for r in rows:
         print(f"| {r.peers:,} | {r.interval_s:g} s | {r.dead_pct:g} % | {r.cpu_mean_pct} "
-              f"| {r.cpu_max_5s_pct} | {r.sawtooth_ratio} | {r.rss_start_mb}→{r.rss_end_mb} "
+              f"| {r.cpu_s_per_round} | {r.cpu_max_5s_pct} | {r.sawtooth_ratio} "
+              f"| {r.rss_start_mb}→{r.rss_end_mb} "
               f"| {r.rss_growth_pct} | {r.lag_p50_ms}/{r.lag_p99_ms}/{r.lag_max_ms} "
               f"| {r.late_starts} of {r.starts} | {r.false_failures} "
               f"| {r.dead_detected}/{r.dead_expected} | {r.live_rtt_p50_ms} "
-              f"| {r.api_p50_ms}/{r.api_max_ms} ({r.api_errors} cut) |")
+              f"| {r.api_p50_ms}/{r.api_max_ms} ({r.api_errors} cut) "
+              f"| {'—' if r.confirm_skipped is None else r.confirm_skipped} |")
     if args.json:
         Path(args.json).write_text(json.dumps(
             {"cores": os.cpu_count(), "python": platform.python_version(),

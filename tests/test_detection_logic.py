@@ -172,3 +172,90 @@ async def test_every_change_of_state_is_reported_at_once_not_at_the_end_of_the_r
             # Reported while the round (2 s) is still running.
             assert sched.completed_rounds <= 2
             tg.cancel_scope.cancel()
+
+
+class Counting(Lossy):
+    """``Lossy`` that records the scheduler's re-probes in flight at every probe it starts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sched: Scheduler | None = None
+        self.max_reprobes = 0
+
+    async def probe(self, path: Path, timeout: float) -> ProbeResult:
+        assert self.sched is not None
+        self.max_reprobes = max(self.max_reprobes, self.sched.reprobes_inflight)
+        return await super().probe(path, timeout)
+
+
+async def run_dead_mesh(
+    n: int, seconds: float, **kw: Any
+) -> tuple[Counting, Scheduler, StateStore, list[Path]]:
+    """``n`` paths, all dead, probed ``seconds`` at 0.5 s with a 0.2 s timeout."""
+    probing = default_probing(interval=Duration(0.5), timeout=Duration(0.2), **kw)
+    probe = Counting()
+    ps = paths(n)
+    probe.dead.update(p.address for p in ps)
+    store = StateStore(probing.failure_threshold or 1, probing.window)
+    sched = probe.sched = Scheduler(probing, {"sim": probe}, store, seed="me")
+    with anyio.fail_after(seconds + 10):
+        async with anyio.create_task_group() as tg:
+            sched.set_paths(ps)
+            await tg.start(sched.run)
+            await anyio.sleep(seconds)
+            tg.cancel_scope.cancel()
+    return probe, sched, store, ps
+
+
+async def test_many_dead_paths_cannot_put_more_reprobes_in_flight_than_the_bound() -> None:
+    # 100 dead paths failing at once would start 800 re-probes, each 200 ms in flight.
+    probe, sched, _, _ = await run_dead_mesh(100, 1.2, confirm_max_inflight=12)
+    assert 0 < probe.max_reprobes <= 12
+    assert sched.confirm_skipped > 0
+    assert sched.lateness()["confirm_skipped"] == sched.confirm_skipped
+    # The same mesh without a tight bound goes well past it: the bound is what held it.
+    unbounded, _, _, _ = await run_dead_mesh(100, 1.2)
+    assert unbounded.max_reprobes > 50
+
+
+async def test_reprobes_per_round_are_bounded() -> None:
+    probe, sched, _, _ = await run_dead_mesh(100, 1.3, confirm_max_per_round=30)
+    # Three rounds started in 1.3 s (0, 0.5, 1.0): 100 scheduled probes each, at most 30
+    # re-probes each; without the bound it would be 800 re-probes per round.
+    assert probe.sent <= 3 * (100 + 30)
+    # Round 0's failures alone would have started 800 re-probes: at most 30 of them went out.
+    assert sched.confirm_skipped >= 100 * 8 - 30
+
+
+async def test_a_real_fault_is_still_confirmed_under_the_bound() -> None:
+    # One dead path among live ones: its confirmation fits the bound and settles it fast.
+    probing = default_probing(interval=Duration(1.0), timeout=Duration(0.2),
+                              confirm_max_inflight=4, confirm_max_per_round=16)
+    probe = Lossy()
+    ps = paths(20)
+    probe.dead.add(ps[3].address)
+    store = StateStore(probing.failure_threshold or 1, probing.window)
+    sched = Scheduler(probing, {"sim": probe}, store, seed="me")
+    with anyio.fail_after(15):
+        async with anyio.create_task_group() as tg:
+            sched.set_paths(ps)
+            await tg.start(sched.run)
+            st = store.get(ps[3].key, "sim")
+            assert st is not None
+            while st.state is not PathState.UNREACHABLE:
+                await anyio.sleep(0.005)
+            tg.cancel_scope.cancel()
+    # Four re-probes at a time: the 8 re-probes go out in two waves of the 200 ms timeout.
+    assert st.consecutive_failures >= 9
+    assert [p.address for p in ps if store.get(p.key, "sim").state  # type: ignore[union-attr]
+            is PathState.UNREACHABLE] == [ps[3].address]
+
+
+async def test_paths_refused_a_confirmation_are_settled_by_their_scheduled_probes() -> None:
+    # A bound of 1 re-probe in flight: most of the 30 dead paths get no confirmation and
+    # reach the threshold of 9 from their own rounds (0.5 s apart): all within ~5 s.
+    probe, sched, store, ps = await run_dead_mesh(30, 6.0, confirm_max_inflight=1)
+    assert probe.max_reprobes <= 1
+    assert sched.confirm_skipped > 0
+    states = {store.get(p.key, "sim").state for p in ps}  # type: ignore[union-attr]
+    assert states == {PathState.UNREACHABLE}

@@ -243,4 +243,5 @@ async def test_lateness_of_round_starts_is_counted(accept_log: AcceptLog) -> Non
     assert lat["lag_max_ms"] <= lat["lag_max_ms_ever"]
     assert lat["lag_p50_ms"] < 500  # paced starts are not seconds late, even on a busy machine
     assert set(lat) == {"lag_p50_ms", "lag_p99_ms", "lag_max_ms", "lag_samples", "starts",
-                        "late", "lag_max_ms_ever", "skipped", "skipped_rounds"}
+                        "late", "lag_max_ms_ever", "skipped", "skipped_rounds",
+                        "reprobes_inflight", "confirm_skipped"}

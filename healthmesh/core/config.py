@@ -197,6 +197,10 @@ class ProbingSettings(Settings):
     #: Re-probes sent after a failure, ``confirm_spacing`` apart (they may overlap).
     confirm_probes: int = 8
     confirm_spacing: Duration = Duration(0.025)
+    #: Agent-wide bounds on confirmation re-probes: in flight at once, and started per round.
+    #: Past them a failed path waits for its next scheduled probe (docs/detection.md).
+    confirm_max_inflight: int = 1000
+    confirm_max_per_round: int = 5000
     jitter: float = 0.1
     #: Probes of batched kinds due within one tick are handed over together, from one wake-up.
     tick: Duration = Duration(0.05)
@@ -397,6 +401,10 @@ def _check_core(raw: RawConfig) -> None:
             not 0 <= p.confirm_spacing <= p.interval,
             "probing.confirm_spacing: must be between 0s and probing.interval",
         ),
+        (not 1 <= p.confirm_max_inflight <= 1_000_000,
+         "probing.confirm_max_inflight: must be between 1 and 1000000"),
+        (not 1 <= p.confirm_max_per_round <= 10_000_000,
+         "probing.confirm_max_per_round: must be between 1 and 10000000"),
         (not 0 <= p.jitter <= 0.5, "probing.jitter: must be between 0 and 0.5"),
         (not 0 <= p.tick <= 1.0, "probing.tick: must be between 0s and 1s"),
         (

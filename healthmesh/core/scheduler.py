@@ -7,9 +7,19 @@ re-probes ``confirm_spacing`` apart, so a dead path is settled in about a second
 of after ``failure_threshold`` whole intervals. Slots added mid-round are probed promptly
 (rate-capped); removed slots stop at once.
 
+Confirmations are paced by one task for all slots (a FIFO of due re-probes: the spacing is
+the same for every slot, so the queue stays in due order), and the re-probes of batched
+kinds due at one wake-up go out in one ``probe_many``. Their number is bounded over the
+whole agent: at most ``confirm_max_inflight`` re-probes in flight and
+``confirm_max_per_round`` started per round. A loop that falls behind makes probes time out,
+and each false failure would start ``confirm_probes`` more probes, more load and more
+timeouts; with the bounds reached, a failed path instead waits for its next scheduled probe
+(the re-probes not sent are counted in ``lateness()["confirm_skipped"]``).
+
 Whatever the settings, the work in flight stays bounded: a slot never has more than
 ``MAX_SCHEDULED`` scheduled probes running (a probe due while they run is skipped and
-counted, not queued), its re-probes are capped at ``confirm_probes``, rounds start at
+counted, not queued), its re-probes are capped at ``confirm_probes`` (and all slots'
+together by the bounds above), rounds start at
 least ``MIN_ROUND_GAP`` apart, and at most ``MAX_OPEN_ROUNDS`` rounds wait for results
 (missed rounds are skipped, never caught up).
 """
@@ -22,6 +32,7 @@ import math
 import random
 import time
 from array import array
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -67,6 +78,7 @@ class Slot:
     removed: bool = False
     scheduled: int = 0  # scheduled probes in flight (rounds, prompt walks, probe_all)
     reprobes: int = 0  # confirmation re-probes in flight
+    confirm_left: int = 0  # re-probes the running confirmation may still start
 
     @functools.cached_property
     def key(self) -> SlotKey:
@@ -115,6 +127,7 @@ class Scheduler:
         #: Called (synchronously) with (path, kind, old, new, result) for every change.
         self.on_transition = on_transition
         self.slots: dict[SlotKey, Slot] = {}
+        self._sorted: list[Slot] | None = None  # slots by order; None: to sort again
         self.rounds: list[RoundInfo] = []
         self.completed_rounds = 0
         self.last_round: RoundInfo | None = None
@@ -138,6 +151,15 @@ class Scheduler:
         self.max_lag = 0.0
         self._on_round_busy = False
         self._on_round_next: RoundInfo | None = None
+        # Confirmations: (due, slot) in due order, the task that serves them, and the bounds.
+        self._confirm_queue: deque[tuple[float, Slot]] = deque()
+        self._confirm_wake = anyio.Event()
+        #: Confirmation re-probes in flight over all slots, and started this round.
+        self.reprobes_inflight = 0
+        self.round_reprobes = 0
+        #: Re-probes not sent because ``confirm_max_inflight`` or ``confirm_max_per_round``
+        #: was reached (the path waits for its next scheduled probe instead).
+        self.confirm_skipped = 0
 
     # -- membership ---------------------------------------------------------------------
 
@@ -156,6 +178,7 @@ class Scheduler:
                 for rnd in self.rounds:
                     rnd.pending.discard(key)
         added: list[Slot] = []
+        self._sorted = None
         for key, path in wanted.items():
             slot = self.slots.get(key)
             if slot is None:
@@ -170,6 +193,12 @@ class Scheduler:
             self._prompt.extend(added)
             self._prompt_event.set()
         self._check_rounds()
+
+    def _ordered(self) -> list[Slot]:
+        """Every slot in probing order, sorted once per change of the slot set."""
+        if self._sorted is None:
+            self._sorted = sorted(self.slots.values(), key=lambda s: s.order)
+        return self._sorted
 
     def _order(self, key: SlotKey) -> int:
         digest = hashlib.blake2b(repr((self.seed, key)).encode(), digest_size=8).digest()
@@ -188,6 +217,7 @@ class Scheduler:
             self._tg = tg
             self._prompt.clear()  # the first round covers every slot known now
             tg.start_soon(self._prompt_loop)
+            tg.start_soon(self._confirm_loop)
             task_status.started()
             if not rounds:
                 await anyio.sleep_forever()
@@ -196,14 +226,12 @@ class Scheduler:
             while True:
                 await self._wait_for_open_rounds(interval)
                 start = anyio.current_time()
-                order = sorted(
-                    (
-                        s
-                        for s in self.slots.values()
-                        if number == 0 or (number + s.order) % s.every == 0
-                    ),
-                    key=lambda s: s.order,
-                )
+                self.round_reprobes = 0
+                order = [
+                    s
+                    for s in self._ordered()
+                    if number == 0 or s.every == 1 or (number + s.order) % s.every == 0
+                ]
                 rnd = RoundInfo(number, start, time.time(), {s.key for s in order})
                 self.rounds.append(rnd)
                 if order:
@@ -344,52 +372,130 @@ class Scheduler:
                 and state.consecutive_failures > 0
                 and self.probing.confirm_probes > 0
             ):
-                slot.confirming = True
-                self._inflight[slot.key] = self._inflight.get(slot.key, 0) + 1
-                assert self._tg is not None
-                self._tg.start_soon(self._confirm, slot)
+                self._start_confirmation(slot)
         finally:
             self._done(slot.key)
             if rnd is not None:
                 rnd.pending.discard(slot.key)
                 self._check_rounds()
 
-    async def _confirm(self, slot: Slot) -> None:
-        """Re-probe a failed slot, ``confirm_spacing`` apart, until one answers.
+    def _confirm_room(self) -> bool:
+        """Whether the agent-wide bounds on re-probes allow one more now."""
+        p = self.probing
+        return (
+            self.reprobes_inflight < p.confirm_max_inflight
+            and self.round_reprobes < p.confirm_max_per_round
+        )
+
+    def _start_confirmation(self, slot: Slot) -> None:
+        """Queue ``confirm_probes`` re-probes of ``slot``, the first ``confirm_spacing`` from now.
 
         The re-probes overlap (each runs under its own timeout), so a dead path collects
         ``failure_threshold`` failures about one timeout after its first failure, while a
-        lost packet is cleared by the first re-probe that gets through. Launching stops at
-        the first success or once the path is unreachable; the slot may start a new
-        confirmation as soon as this one has launched its last re-probe.
+        lost packet is cleared by the first re-probe that gets through. Starting stops at the
+        first success or once the path is unreachable; the slot may start a new confirmation
+        as soon as this one has started its last re-probe. With the agent-wide bounds
+        reached, no confirmation starts: the path waits for its next scheduled probe.
         """
-        assert self._tg is not None
-        cap = min(self.probing.confirm_probes, MAX_CONFIRMING)
-        try:
-            for _ in range(self.probing.confirm_probes):
-                await anyio.sleep(self.probing.confirm_spacing)
-                st = self.store.get(slot.path.key, slot.kind)
-                if slot.removed or st is None or st.consecutive_failures == 0:
-                    break
-                if st.state is PathState.UNREACHABLE:
-                    break
-                if slot.reprobes >= cap:  # earlier re-probes still hang: do not add more
-                    self.skipped += 1
-                    continue
-                slot.reprobes += 1
-                self._inflight[slot.key] = self._inflight.get(slot.key, 0) + 1
-                self._tg.start_soon(self._confirm_one, slot)
-        finally:
-            slot.confirming = False
-            self._done(slot.key)
+        if not self._confirm_room():
+            self.confirm_skipped += self.probing.confirm_probes
+            return
+        slot.confirming = True
+        slot.confirm_left = self.probing.confirm_probes
+        self._inflight[slot.key] = self._inflight.get(slot.key, 0) + 1
+        if not self._confirm_queue:
+            self._confirm_wake.set()
+        self._confirm_queue.append(
+            (anyio.current_time() + self.probing.confirm_spacing, slot)
+        )
 
-    async def _confirm_one(self, slot: Slot) -> None:
+    def _end_confirmation(self, slot: Slot) -> None:
+        slot.confirming = False
+        slot.confirm_left = 0
+        self._done(slot.key)
+
+    async def _confirm_loop(self) -> None:
+        """Start every queued re-probe when it is due: one task for all confirmations."""
+        queue = self._confirm_queue
+        try:
+            while True:
+                if not queue:
+                    self._confirm_wake = anyio.Event()
+                    await self._confirm_wake.wait()
+                    continue
+                await _sleep_until(queue[0][0])
+                now = anyio.current_time()
+                by_kind: dict[str, list[Slot]] = {}
+                while queue and queue[0][0] <= now + 0.0005:
+                    self._confirm_step(queue.popleft()[1], now, by_kind)
+                for kind, group in by_kind.items():
+                    self._launch_reprobes(kind, group)
+        finally:
+            while queue:  # cancelled (the scheduler stops): release the waiting slots
+                self._end_confirmation(queue.popleft()[1])
+
+    def _confirm_step(self, slot: Slot, now: float, by_kind: dict[str, list[Slot]]) -> None:
+        """One due re-probe of ``slot``: start it (into ``by_kind``), skip it, or stop."""
+        st = self.store.get(slot.path.key, slot.kind)
+        if (
+            slot.removed
+            or st is None
+            or st.consecutive_failures == 0
+            or st.state is PathState.UNREACHABLE
+        ):
+            self._end_confirmation(slot)
+            return
+        if slot.reprobes >= min(self.probing.confirm_probes, MAX_CONFIRMING):
+            self.skipped += 1  # earlier re-probes still hang: do not add more
+        elif not self._confirm_room():
+            # Bounded: drop the rest; the path waits for its next scheduled probe.
+            self.confirm_skipped += slot.confirm_left
+            self._end_confirmation(slot)
+            return
+        else:
+            slot.reprobes += 1
+            self.reprobes_inflight += 1
+            self.round_reprobes += 1
+            self._inflight[slot.key] = self._inflight.get(slot.key, 0) + 1
+            by_kind.setdefault(slot.kind, []).append(slot)
+        slot.confirm_left -= 1
+        if slot.confirm_left > 0:
+            self._confirm_queue.append((now + self.probing.confirm_spacing, slot))
+        else:
+            self._end_confirmation(slot)
+
+    def _launch_reprobes(self, kind: str, slots: list[Slot]) -> None:
+        """Start re-probes due together: one ``probe_many`` for a batched kind."""
+        assert self._tg is not None
+        probe = self.probes.get(kind)
+        if probe is not None and probe.batched and len(slots) > 1:
+            self._tg.start_soon(self._reprobe_batch, kind, slots)
+        else:
+            for slot in slots:
+                self._tg.start_soon(self._reprobe_one, slot)
+
+    async def _reprobe_one(self, slot: Slot) -> None:
+        result: ProbeResult | None = None
         try:
             result = await self.probe_once(slot.path, slot.kind)
-            if not slot.removed:
+        finally:
+            self._reprobe_done(slot, result)
+
+    async def _reprobe_batch(self, kind: str, slots: list[Slot]) -> None:
+        results: list[ProbeResult] | None = None
+        try:
+            results = await self.probe_batch([s.path for s in slots], kind)
+        finally:
+            for i, slot in enumerate(slots):
+                self._reprobe_done(slot, None if results is None else results[i])
+
+    def _reprobe_done(self, slot: Slot, result: ProbeResult | None) -> None:
+        slot.reprobes -= 1
+        self.reprobes_inflight -= 1
+        try:
+            if result is not None and not slot.removed:
                 self._record(slot, result)
         finally:
-            slot.reprobes -= 1
             self._done(slot.key)
 
     def _record(self, slot: Slot, result: ProbeResult) -> KindState | None:
@@ -496,7 +602,8 @@ class Scheduler:
         """How late round probes started against their schedule (the snapshot's ``scheduler``).
 
         p50/p99/max over the latest ``LAG_SAMPLES`` starts; ``starts``, ``late`` (later than
-        ``LATE_AFTER``) and ``max_ms_ever`` since the agent started; probes and rounds skipped.
+        ``LATE_AFTER``) and ``max_ms_ever`` since the agent started; probes and rounds skipped;
+        confirmation re-probes in flight now and those not sent because of the bounds.
         """
         n = self._lag_n
         recent = sorted(self._lags[:n]) if n else []
@@ -510,6 +617,8 @@ class Scheduler:
             "lag_max_ms_ever": _ms(self.max_lag),
             "skipped": self.skipped,
             "skipped_rounds": self.skipped_rounds,
+            "reprobes_inflight": self.reprobes_inflight,
+            "confirm_skipped": self.confirm_skipped,
         }
 
     def _done(self, key: SlotKey) -> None:

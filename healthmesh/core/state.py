@@ -12,22 +12,29 @@ from typing import Any
 from healthmesh.core.model import PathState, ProbeResult
 from healthmesh.core.telemetry import Telemetry
 
-_SECOND: list[Any] = [None, ""]  # the last whole second formatted, and its text
+#: Date and time up to the second, by whole second: a view formats two timestamps (the
+#: latest probe, and the last change, often long ago), so one cached second would thrash.
+_SECONDS: dict[int, str] = {}
+_SECONDS_MAX = 4096
 
 
 def rfc3339(ts: float | None) -> str | None:
     """Seconds since the epoch as an RFC 3339 UTC timestamp with milliseconds (None stays None).
 
-    Called for every result; the date and time up to the second are formatted once per second.
+    Called for every result; each second's date and time is formatted once (bounded cache).
     """
     if ts is None or ts == 0:
         return None
     sec = math.floor(ts)
-    if _SECOND[0] != sec:
-        _SECOND[1] = datetime.fromtimestamp(sec, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
-        _SECOND[0] = sec
+    text = _SECONDS.get(sec)
+    if text is None:
+        if len(_SECONDS) >= _SECONDS_MAX:
+            _SECONDS.clear()
+        text = _SECONDS[sec] = datetime.fromtimestamp(sec, timezone.utc).strftime(
+            "%Y-%m-%dT%H:%M:%S"
+        )
     ms = min(int((ts - sec) * 1000.0), 999)
-    return f"{_SECOND[1]}.{ms:03d}Z"
+    return f"{text}.{ms:03d}Z"
 
 
 class KindState:

@@ -1,14 +1,29 @@
-"""Output ``json``: the snapshot as NDJSON, one document per round, to stdout or a file."""
+"""Output ``json``: the snapshot as NDJSON, one document per round, to stdout or a file.
+
+Encoded with msgspec (compact, UTF-8): a 5,000-peer snapshot is 8 MB of JSON, which the
+standard library's encoder takes about half a second of event-loop time to write.
+"""
 
 from __future__ import annotations
 
-import json
 import sys
-from typing import IO
+from typing import IO, Any
 
+import msgspec
 from anyio.abc import TaskStatus
 
 from healthmesh import ComponentSettings, Output, Snapshot, hookimpl
+
+
+def _enc_hook(obj: Any) -> Any:
+    # Config types such as Name (a str) and Duration (a float) reach the snapshot.
+    for base in (str, float, int):
+        if isinstance(obj, base):
+            return base(obj)
+    raise TypeError(f"cannot encode {type(obj).__name__} as JSON")
+
+
+_encoder = msgspec.json.Encoder(enc_hook=_enc_hook)
 
 
 class JsonSettings(ComponentSettings):
@@ -52,7 +67,7 @@ class JsonOutput(Output):
 
     def _write(self, snapshot: Snapshot) -> None:
         stream = self._open()
-        stream.write(json.dumps(snapshot.data, separators=(",", ":")) + "\n")
+        stream.write(_encoder.encode(snapshot.data).decode() + "\n")
         stream.flush()
 
 

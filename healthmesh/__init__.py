@@ -30,6 +30,7 @@ from healthmesh.core.config import (
 )
 from healthmesh.core.events import Event, EventLog, Gap
 from healthmesh.core.hookspecs import hookimpl
+from healthmesh.core.lazy import lazy_import
 from healthmesh.core.mesh import cell_state
 from healthmesh.core.model import Node, Path, PathState, ProbeResult, Role, Snapshot
 from healthmesh.core.render import header_line, summary_table
@@ -79,6 +80,7 @@ __all__ = [
     "header_line",
     "hookimpl",
     "kernel_receive_ns",
+    "lazy_import",
     "parse_duration",
     "parse_nodes",
     "rfc3339",

@@ -12,8 +12,10 @@ so unlike ``bench/agent.py`` the figure does not depend on how busy the machine 
 
     .venv/bin/python bench/held.py [--peers 5000] [--window 100] [--rounds 6] [--json out.json]
 
-``HM_ROOT=<checkout>`` measures another checkout (e.g. main). glibc's allocator can be tuned
-through the environment for a comparison (``MALLOC_ARENA_MAX=2``, ``MALLOC_MMAP_THRESHOLD_``).
+``HM_ROOT=<checkout>`` measures another checkout (e.g. main). Like ``healthmesh run``, it
+fixes glibc's mmap threshold first when the checkout has ``core/memory.py`` (unless
+``MALLOC_MMAP_THRESHOLD_`` is set); other glibc settings can be compared through the
+environment (``MALLOC_ARENA_MAX=2``).
 """
 
 # ruff: noqa: E402  (imports follow the sys.path fix below)
@@ -71,8 +73,15 @@ def main() -> int:
     args = ap.parse_args()
     if not (1 <= args.peers <= 60_000 and 2 <= args.window <= 10_000 and 1 <= args.rounds <= 50):
         ap.error("--peers 1..60000, --window 2..10000, --rounds 1..50")
+    try:  # as `healthmesh run` does at start (a checkout without it: glibc's defaults)
+        from healthmesh.core.memory import tune_allocator
+    except ImportError:
+        tuned = False
+    else:
+        tuned = tune_allocator()
     proc = psutil.Process()
     out: dict[str, Any] = {
+        "allocator_tuned": tuned,
         "root": os.environ.get("HM_ROOT", str(ROOT)),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "python": platform.python_version(), "peers": args.peers, "window": args.window,
@@ -130,7 +139,7 @@ def main() -> int:
     except OSError:
         out["rss_after_malloc_trim_mb"] = None
     print(f"{out['root']}: {args.peers} peers, {len(series)} series, window {args.window}, "
-          f"malloc env {out['malloc_env'] or '-'}")
+          f"malloc env {out['malloc_env'] or '-'}, allocator tuned: {tuned}")
     print("| after imports MB | windows full MB | per round MB | end MB | after malloc_trim MB "
           "| /v1/status MB | /v1beta MB | tracked objects | full GC ms |")
     print("|---|---|---|---|---|---|---|---|---|")

@@ -110,7 +110,8 @@ def main() -> int:
     out["series"] = len(series)
     out["rss_windows_full_mb"] = mb(proc)
     latest: list[Any] = [None, None]  # the agent's snapshot and the API's rendering
-    rounds = []
+    rounds: list[float] = []
+    blocks: list[int] = []  # live Python memory blocks: growth here is data, not fragmentation
     for r in range(args.rounds):
         for key, kind in series:
             store.record(key, kind, result(kind, rng, t + args.window + 10 + r))
@@ -124,7 +125,9 @@ def main() -> int:
         del line
         latest[:] = [snap, holder[0]]
         rounds.append(mb(proc))
+        blocks.append(sys.getallocatedblocks())
     out["rss_rounds_mb"] = rounds
+    out["allocated_blocks_rounds"] = blocks
     out["status_bytes"] = len(latest[1].status)
     out["beta_bytes"] = len(latest[1].beta)
     out["json_output_bytes"] = json_bytes

@@ -12,7 +12,8 @@ After a warm-up (the first round, at ``max_rate``, and one whole steady round), 
 scheduler's lateness block. Reported per row:
   * CPU % of one core: mean, and max over 5 s windows (the saw-tooth), and their ratio;
     CPU seconds per round (less sensitive to a loaded machine than lateness);
-  * RSS at the start of measuring and at the end, and growth in %;
+  * RSS when the API first answers (start-up, before results), at the start of measuring
+    and at the end, and growth in %;
   * schedule lateness of probe starts (p50/p99/max, and starts later than 100 ms);
   * false failures (live peers or paths not reachable at the end), dead peers detected;
   * /v1/status latency (median and max; polled from a thread of its own) and size;
@@ -72,6 +73,7 @@ class Row:
     cpu_s_per_round: float = 0.0
     cpu_max_5s_pct: float = 0.0
     sawtooth_ratio: float = 0.0
+    rss_startup_mb: float = 0.0
     rss_start_mb: float = 0.0
     rss_end_mb: float = 0.0
     rss_growth_pct: float = 0.0
@@ -187,10 +189,14 @@ def run_row(peers: int, interval: float, dead_pct: float, duration: float, windo
                     raise SystemExit("agent did not complete a round:\n"
                                      + (tmp / "agent.log").read_text()[-2000:])
                 try:
-                    if c.get("/v1/healthz").json().get("rounds_completed", 0) >= 2:
-                        break
+                    done = c.get("/v1/healthz").json().get("rounds_completed", 0)
                 except httpx.TransportError:
-                    pass
+                    time.sleep(0.5)
+                    continue
+                if not row.rss_startup_mb:  # the API answers: started, first round just begun
+                    row.rss_startup_mb = round(proc.memory_info().rss / 2**20, 1)
+                if done >= 2:
+                    break
                 time.sleep(0.5)
             time.sleep(2.0)
             cpu0 = sum(proc.cpu_times()[:2])
@@ -309,13 +315,14 @@ def main() -> int:
           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load {os.getloadavg()[0]:.1f}, "
           f"{args.duration:g} s measured per row, window {args.window}")
     print("| peers | interval | dead | CPU mean % | CPU s/round | CPU max 5 s % | max/mean "
-          "| RSS start→end MB "
+          "| RSS at start-up MB | RSS start→end MB "
           "| growth % | lag p50/p99/max ms | late >100 ms | false failures | dead seen "
           "| live http avg ms | API p50/max ms | re-probes skipped |")
-    print("|" + "---|" * 16)
+    print("|" + "---|" * 17)
     for r in rows:
         print(f"| {r.peers:,} | {r.interval_s:g} s | {r.dead_pct:g} % | {r.cpu_mean_pct} "
               f"| {r.cpu_s_per_round} | {r.cpu_max_5s_pct} | {r.sawtooth_ratio} "
+              f"| {r.rss_startup_mb} "
               f"| {r.rss_start_mb}→{r.rss_end_mb} "
               f"| {r.rss_growth_pct} | {r.lag_p50_ms}/{r.lag_p99_ms}/{r.lag_max_ms} "
               f"| {r.late_starts} of {r.starts} | {r.false_failures} "

@@ -9,6 +9,10 @@ snapshot does), and reports:
   * µs of CPU per ``StateStore.record`` and per ``view`` once the window is full.
 
     .venv/bin/python bench/state.py [--peers 1000] [--window 100] [--top 8] [--json out.json]
+        [--compare OTHER_CHECKOUT]
+
+``--compare`` runs the same measurement on another checkout (HM_ROOT, e.g. main) in a
+subprocess and prints both, before and after, side by side.
 """
 
 # ruff: noqa: E402  (imports follow the sys.path fix below)
@@ -22,8 +26,11 @@ sys.path[:] = [p for p in sys.path if p not in ("", __file__.rpartition("/")[0] 
 import argparse
 import gc
 import json
+import os
 import platform
 import random
+import subprocess
+import tempfile
 import time
 import tracemalloc
 from datetime import datetime, timezone
@@ -31,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, __import__("os").environ.get("HM_ROOT", str(ROOT)))
+sys.path.insert(0, os.environ.get("HM_ROOT", str(ROOT)))
 
 from healthmesh.core.model import ProbeResult
 from healthmesh.core.state import StateStore
@@ -59,7 +66,12 @@ def main() -> int:
     ap.add_argument("--window", type=int, default=100)
     ap.add_argument("--top", type=int, default=8, help="allocation sites to list")
     ap.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    ap.add_argument("--compare", metavar="CHECKOUT",
+                    help="also measure this checkout (e.g. /work/main) and print both")
     args = ap.parse_args()
+    other = None
+    if args.compare:
+        other = compare(args, Path(args.compare))
     rng = random.Random(1)
     keys = [((f"default/peer-{i}", f"127.{1 + j}.{i // 250}.{i % 250 + 1}", role), kind)
             for i in range(args.peers)
@@ -99,7 +111,8 @@ def main() -> int:
         store.view(key, kind)
     view_us = (time.process_time() - c0) / len(keys) * 1e6
 
-    out = {
+    out: dict[str, Any] = {
+        "root": os.environ.get("HM_ROOT", str(ROOT)),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "python": platform.python_version(),
         "series": len(keys),
@@ -115,9 +128,28 @@ def main() -> int:
     print(f"{'allocation site':<24} {'B/series':>9} {'blocks/series':>14}")
     for s in sites:
         print(f"{s['site']:<24} {s['bytes_per_series']:>9} {s['blocks_per_series']:>14}")
+    if other is not None:
+        print(f"\n{'':<24} {'before':>10} {'after':>10}   (before: {args.compare})")
+        for key in ("bytes_per_series", "total_mb", "record_us", "view_us"):
+            print(f"{key:<24} {other[key]:>10} {out[key]:>10}")
+        out = {"before": other, "after": out}
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
     return 0
+
+
+def compare(args: argparse.Namespace, checkout: Path) -> dict[str, Any]:
+    """The same measurement on ``checkout``, run in a subprocess (its own interpreter)."""
+    if not (checkout / "healthmesh" / "core" / "state.py").is_file():
+        raise SystemExit(f"--compare: {checkout} is not a healthmesh checkout")
+    with tempfile.TemporaryDirectory() as tmp:
+        dest = Path(tmp) / "before.json"
+        subprocess.run([sys.executable, __file__, "--peers", str(args.peers),
+                        "--window", str(args.window), "--top", str(args.top),
+                        "--json", str(dest)],
+                       env={**os.environ, "HM_ROOT": str(checkout)}, check=True, timeout=3600)
+        print()
+        return json.loads(dest.read_text())
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ from healthmesh.core.config import (
 )
 from healthmesh.core.events import Event, EventLog, Gap
 from healthmesh.core.hookspecs import hookimpl
+from healthmesh.core.lazy import lazy_import
 from healthmesh.core.listen import format_listen, parse_listen
 from healthmesh.core.mesh import cell_state
 from healthmesh.core.model import Node, Path, PathState, ProbeResult, Role, Snapshot
@@ -83,6 +84,7 @@ __all__ = [
     "header_line",
     "hookimpl",
     "kernel_receive_ns",
+    "lazy_import",
     "parse_duration",
     "parse_listen",
     "parse_nodes",

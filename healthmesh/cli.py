@@ -14,6 +14,7 @@ from loguru import logger
 from healthmesh import __version__
 from healthmesh.core.agent import EXIT_COMPONENT_FAILED, Agent, StartupError
 from healthmesh.core.config import LOG_LEVELS, Config, ConfigError, load_raw
+from healthmesh.core.memory import tune_allocator
 from healthmesh.core.plugins import PluginError, PluginRegistry, load_plugins
 from healthmesh.core.resolve import effective, resolve
 
@@ -101,6 +102,7 @@ def run(config_path: str, once: bool, output: str | None, log_level: str | None)
     config error. Without it, exit 0 after SIGTERM, SIGINT or SIGHUP, 2 when it cannot
     start, 4 when a component kept crashing and could not be restarted.
     """
+    tune_allocator()  # before the config of thousands of peers is read (docs/benchmarks.md)
     setup_logging(log_level or "WARNING")
     config, registry = load_config(config_path)
     setup_logging(log_level or config.core.log.level)

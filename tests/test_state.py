@@ -79,3 +79,72 @@ def test_node_state_combines_paths() -> None:
     assert combine([R, X]) is X
     assert combine([X, X]) is X
     assert combine([]) is X
+
+
+def _reference(results: list[ProbeResult], window: int) -> dict[str, float | None]:
+    """The statistics of the last ``window`` results, in doubles, straight from the definition."""
+    last = results[-window:]
+    rtts = sorted(r.rtt for r in last if r.ok and r.rtt is not None)
+    out: dict[str, float | None] = {"loss_pct": round(100.0 * sum(not r.ok for r in last)
+                                                      / len(last), 2)}
+    if rtts:
+        def q(p: float) -> float:
+            pos = p * (len(rtts) - 1)
+            lo = int(pos)
+            hi = min(lo + 1, len(rtts) - 1)
+            return rtts[lo] + (rtts[hi] - rtts[lo]) * (pos - lo)
+        out.update(min_ms=round(rtts[0] * 1000, 3), max_ms=round(rtts[-1] * 1000, 3),
+                   avg_ms=round(sum(rtts) / len(rtts) * 1000, 3),
+                   p50_ms=round(q(0.5) * 1000, 3), p95_ms=round(q(0.95) * 1000, 3))
+    connects = [r.details["connect_ms"] for r in last if "connect_ms" in r.details]
+    if connects:
+        out["connect_ms_avg"] = round(sum(connects) / len(connects), 3)
+    return out
+
+
+def test_32_bit_rings_give_the_double_precision_figures_to_the_microsecond() -> None:
+    """RTTs given to the µs (under 4 s): min/max exact, means and percentiles within 1 µs."""
+    import random
+
+    rng = random.Random(17)
+    views = 0
+    for window in (1, 2, 7, 100):
+        st = fresh(window=window)
+        results: list[ProbeResult] = []
+        for _ in range(3 * window + 5):
+            if rng.random() < 0.1:
+                r = ProbeResult.failure("timeout")
+            else:
+                rtt = rng.randint(1, 4_000_000) / 1e6  # 1 µs .. 4 s
+                details = {} if rng.random() < 0.2 else {"connect_ms": rng.randint(1, 10**6) / 1e3}
+                r = ProbeResult.success(rtt, **details)
+            results.append(r)
+            st.record(r)
+            want = _reference(results, window)
+            got = st.as_dict()
+            views += 1
+            assert got["loss_pct"] == want["loss_pct"]
+            if r.ok:
+                assert got["rtt_ms"] == round(r.rtt * 1000, 3)  # the latest: kept as a double
+            for key in ("min_ms", "max_ms"):
+                assert got[key] == want.get(key), (window, key)
+            for key in ("avg_ms", "p50_ms", "p95_ms", "connect_ms_avg"):
+                if want.get(key) is None:
+                    assert got.get(key) is None, (window, key)
+                else:
+                    assert abs(got[key] - want[key]) <= 0.0010001, (window, key, got, want)
+    assert views > 300
+
+
+def test_a_detail_missing_from_some_results_is_averaged_over_those_that_had_it() -> None:
+    st = fresh(window=4)
+    st.record(ProbeResult.success(0.001, connect_ms=1.0))
+    st.record(ProbeResult.failure("refused"))  # no connect_ms
+    st.record(ProbeResult.success(0.001, connect_ms=3.0, ttfb_ms=5.0))
+    view = st.as_dict()
+    assert view["connect_ms_avg"] == 2.0 and view["ttfb_ms_avg"] == 5.0
+    for _ in range(4):  # the window turns over: only results without details remain
+        st.record(ProbeResult.success(0.001))
+    view = st.as_dict()
+    assert "connect_ms_avg" not in view and "ttfb_ms_avg" not in view
+    assert st.last is not None and st.last.details == {}

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from rich.console import Group
-from rich.table import Table
-from rich.text import Text
-
+from healthmesh.core.lazy import lazy_import
 from healthmesh.core.units import format_duration
+
+if TYPE_CHECKING:
+    from rich.console import Group
+    from rich.text import Text
+
+#: rich, loaded when a table is first drawn (an agent with ``-o json`` never draws one).
+_rich = lazy_import("rich", "console", "table", "text")
 
 _STYLE = {"reachable": "green", "unreachable": "bold red", "unknown": "yellow"}
 
@@ -67,19 +71,20 @@ def kind_cell(node: dict[str, Any], kind: str) -> Text:
         if p["role"] == "host" and p["primary"]:
             r = p["probes"].get(kind)
             if r is None:
-                return Text("-")
+                return _rich.text.Text("-")
             if r["state"] == "reachable" and r.get("rtt_ms") is not None:
-                return Text(f"{r['rtt_ms']:.3f}ms", style="green")
-            return Text(r["state"], style=_STYLE[r["state"]])
-    return Text("-")
+                return _rich.text.Text(f"{r['rtt_ms']:.3f}ms", style="green")
+            return _rich.text.Text(r["state"], style=_STYLE[r["state"]])
+    return _rich.text.Text("-")
 
 
 def heartbeat_cell(node: dict[str, Any]) -> Text:
     """The agent heartbeat a membership source reported: alive, expired or unknown."""
     beat = (node.get("info") or {}).get("heartbeat")
     if beat is None:
-        return Text("-")
-    return Text(str(beat), style={"alive": "green", "expired": "bold red"}.get(beat, "yellow"))
+        return _rich.text.Text("-")
+    style = {"alive": "green", "expired": "bold red"}.get(beat, "yellow")
+    return _rich.text.Text(str(beat), style=style)
 
 
 def kinds_of(snap: dict[str, Any]) -> list[str]:
@@ -96,7 +101,7 @@ def kinds_of(snap: dict[str, Any]) -> list[str]:
 
 def summary_table(snap: dict[str, Any]) -> Group:
     """The header line and the cilium-health-style table, with per-kind RTT columns."""
-    table = Table(box=None, pad_edge=False)
+    table = _rich.table.Table(box=None, pad_edge=False)
     for col in ("Name", "IP", "Node", "Endpoints"):
         table.add_column(col)
     kinds = kinds_of(snap)
@@ -115,6 +120,6 @@ def summary_table(snap: dict[str, Any]) -> Group:
             role_count(node, "endpoint"),
             *(kind_cell(node, k) for k in kinds),
             *([heartbeat_cell(node)] if heartbeats else []),
-            Text(node["state"], style=_STYLE[node["state"]]),
+            _rich.text.Text(node["state"], style=_STYLE[node["state"]]),
         )
-    return Group(Text(header_line(snap)), table)
+    return _rich.console.Group(_rich.text.Text(header_line(snap)), table)

@@ -44,17 +44,21 @@ class KindState:
     it reachable. Until either happens the state stays unknown.
 
     Storage is compact because an agent keeps tens of thousands of these (docs/architecture.md,
-    "Per-path storage"): the window is one preallocated ring of doubles (a loss stored as +inf),
-    each float detail gets one too, and of the latest result only the fields the view shows
-    are kept, never the ``ProbeResult`` itself.
+    "Per-path storage"): the window is one preallocated block of 32-bit floats holding a ring
+    of RTTs (a loss stored as +inf) and, after it, one ring per float detail (NaN where a
+    result lacked that detail); of the latest result only the fields the view shows are kept,
+    its detail names as a tuple shared by every path with the same names, never the
+    ``ProbeResult`` itself.
     """
 
     __slots__ = (
-        "_detail_rings",
-        "_details",
+        "_acc",
+        "_dkeys",
+        "_dvals",
         "_error",
         "_finished",
         "_has_last",
+        "_keys",
         "_lost",
         "_n",
         "_no_rtt",
@@ -84,32 +88,36 @@ class KindState:
         self.failures = 0
         #: When the latest successful probe was sent (None before the first success).
         self.last_ok_started: float | None = None
-        # The latest (non-stale) result, field by field.
+        # The latest (non-stale) result, field by field; its details as names and values.
         self._has_last = False
         self._ok = False
         self._rtt: float | None = None
         self._error: str | None = None
         self._started = 0.0
         self._finished = 0.0
-        self._details: dict[str, Any] | None = None
-        # The window: RTT of each result (+inf: lost; -inf: ok without an RTT), written
-        # round-robin at _pos; allocated whole up front, so memory does not creep while
-        # the window fills.
-        self._ring = array("d", bytes(8 * self.window))
+        self._keys: tuple[str, ...] = ()
+        self._dvals: tuple[Any, ...] = ()
+        # The window: RTT of each result in seconds (+inf: lost; -inf: ok without an RTT),
+        # written round-robin at _pos; allocated whole up front, so memory does not creep
+        # while the window fills. 32-bit floats: 7 significant digits, far below the
+        # microsecond the views round to for any RTT under 10 s.
+        self._ring = array("f", bytes(4 * self.window))
         self._pos = 0
         self._n = 0
         self._rtt_sum = 0.0
         self._lost = 0
         self._no_rtt = 0
-        # Float details: key -> [ring, next write position, count, sum of the ring].
-        self._detail_rings: dict[str, list[Any]] | None = None
+        # Float details: their names (shared tuple), a ring each after the RTT ring in
+        # _ring, and per name [count of values in the window, their sum] in _acc.
+        self._dkeys: tuple[str, ...] = ()
+        self._acc: array[float] | None = None
 
     @property
     def last(self) -> ProbeResult | None:
         """The latest result (rebuilt from what is kept; None before the first)."""
         if not self._has_last:
             return None
-        return ProbeResult(self._ok, self._rtt, self._error, dict(self._details or {}),
+        return ProbeResult(self._ok, self._rtt, self._error, dict(zip(self._keys, self._dvals)),
                            self._started, self._finished)
 
     @property
@@ -130,6 +138,7 @@ class KindState:
             and self.last_ok_started is not None
             and 0 < result.started_at < self.last_ok_started
         )
+        details = result.details
         if not stale:
             self._has_last = True
             self._ok = ok
@@ -137,11 +146,16 @@ class KindState:
             self._error = result.error
             self._started = result.started_at
             self._finished = result.finished_at
-            self._details = result.details or None
+            if details:
+                self._keys = _names(tuple(details))
+                self._dvals = tuple(details.values())
+            else:
+                self._keys = self._dvals = ()
         self.probes += 1
+        pos = self._pos
         self._push(ok, result.rtt)
-        if result.details:
-            self._push_details(result.details)
+        if details or self._dkeys:
+            self._push_details(details, pos)
         if ok:
             self.last_ok_started = result.started_at
             self.consecutive_failures = 0
@@ -164,15 +178,6 @@ class KindState:
         return False
 
     def _push(self, ok: bool, rtt: float | None) -> None:
-        if not ok:
-            value = _LOST
-            self._lost += 1
-        elif rtt is None or not math.isfinite(rtt):
-            value = _NO_RTT
-            self._no_rtt += 1
-        else:
-            value = rtt
-            self._rtt_sum += rtt
         ring = self._ring
         pos = self._pos
         if self._n < self.window:
@@ -185,37 +190,53 @@ class KindState:
                 self._no_rtt -= 1
             else:
                 self._rtt_sum -= old
-        ring[pos] = value
+        if not ok:
+            ring[pos] = _LOST
+            self._lost += 1
+        elif rtt is None or not math.isfinite(rtt):
+            ring[pos] = _NO_RTT
+            self._no_rtt += 1
+        else:
+            ring[pos] = rtt
+            self._rtt_sum += ring[pos]  # the stored (rounded) value, as subtracted later
         pos += 1
         if pos == self.window:
             pos = 0
             # Once per window, sum afresh: the running sum's rounding error stays bounded.
-            self._rtt_sum = math.fsum(v for v in ring if _NO_RTT < v < _LOST)
+            self._rtt_sum = math.fsum(v for v in ring[:self.window] if _NO_RTT < v < _LOST)
         self._pos = pos
 
-    def _push_details(self, details: dict[str, Any]) -> None:
-        for key, value in details.items():
-            if type(value) is not float:  # measurements (connect_ms); counts are not averaged
-                continue
-            rings = self._detail_rings
-            if rings is None:
-                rings = self._detail_rings = {}
-            entry = rings.get(key)
-            if entry is None:
-                entry = rings[key] = [array("d", bytes(8 * self.window)), 0, 0, 0.0]
-            ring, pos, n, total = entry
-            if n < self.window:
-                entry[2] = n + 1
+    def _push_details(self, details: dict[str, Any] | None, pos: int) -> None:
+        """Write this result's float details at ``pos`` of their rings (NaN where absent)."""
+        if details:
+            for key, value in details.items():
+                # Measurements (connect_ms) are averaged; counts (sent) are not.
+                if type(value) is float and key not in self._dkeys:
+                    self._add_detail(key)
+        ring, acc, w = self._ring, self._acc, self.window
+        if acc is None:
+            return
+        for i, key in enumerate(self._dkeys):
+            at = (i + 1) * w + pos
+            old = ring[at]
+            if old == old:  # not NaN: a value leaves the window
+                acc[2 * i] -= 1
+                acc[2 * i + 1] -= old
+            value = details.get(key) if details else None
+            if type(value) is float and value == value:
+                ring[at] = value
+                acc[2 * i] += 1
+                acc[2 * i + 1] += ring[at]
             else:
-                total -= ring[pos]
-            ring[pos] = value
-            total += value
-            pos += 1
-            if pos == self.window:
-                pos = 0
-                total = math.fsum(ring)
-            entry[1] = pos
-            entry[3] = total
+                ring[at] = _NAN
+            if pos == w - 1:  # once per window, sum afresh (as for the RTTs)
+                acc[2 * i + 1] = math.fsum(v for v in ring[at - pos:at + 1] if v == v)
+
+    def _add_detail(self, key: str) -> None:
+        self._dkeys = _names((*self._dkeys, key))
+        # Concatenated into new arrays of the exact size (extend() would over-allocate).
+        self._ring = self._ring + _nan_ring(self.window)
+        self._acc = array("d", bytes(16)) if self._acc is None else self._acc + _ZEROS
 
     def stats(self) -> dict[str, Any]:
         """Rolling statistics over the window: RTTs in ms, loss in percent."""
@@ -227,10 +248,10 @@ class KindState:
         n = self._n
         k = n - self._lost - self._no_rtt
         if k:
-            # Sorted afresh (a few µs for 100 doubles) rather than kept sorted: an array
+            # Sorted afresh (a few µs for 100 values) rather than kept sorted: an array
             # that grows as results arrive would make memory creep until the window fills.
             # Losses (+inf) sort last and RTT-less successes (-inf) first.
-            ordered = sorted(self._ring[:n] if n < self.window else self._ring)
+            ordered = sorted(self._ring[:n])
             rtts = ordered[self._no_rtt:self._no_rtt + k]
             out["min_ms"] = round(rtts[0] * 1000.0, 3)
             out["avg_ms"] = round(max(self._rtt_sum, 0.0) / k * 1000.0, 3)
@@ -243,9 +264,12 @@ class KindState:
         out["samples"] = n
         out["consecutive_failures"] = self.consecutive_failures
         out["last_change"] = rfc3339(self.last_change)
-        if self._detail_rings:
-            for key, (_ring, _pos, count, total) in self._detail_rings.items():
-                out[key + "_avg"] = round(total / count, 3)
+        acc = self._acc
+        if acc is not None:
+            for i, key in enumerate(self._dkeys):
+                count = acc[2 * i]
+                if count > 0:
+                    out[key + "_avg"] = round(acc[2 * i + 1] / count, 3)
 
     def as_dict(self) -> dict[str, Any]:
         """The JSON form of a per-kind probe entry (docs/snapshot.schema.json)."""
@@ -259,11 +283,34 @@ class KindState:
             out["error"] = None if ok else self._error
             out["last_probed"] = rfc3339(self._started)
         self._fill_stats(out)
-        if self._details:
-            for key, value in self._details.items():
-                if key not in out:
-                    out[key] = round(value, 3) if type(value) is float else value
+        for key, value in zip(self._keys, self._dvals):
+            if key not in out:
+                out[key] = round(value, 3) if type(value) is float else value
         return out
+
+
+#: Detail-name tuples, one object per distinct tuple (every path of a kind shares one).
+_NAMES: dict[tuple[str, ...], tuple[str, ...]] = {}
+_NAMES_MAX = 1024
+_NAN = math.nan
+_NAN_RINGS: dict[int, array[float]] = {}
+_ZEROS = array("d", (0.0, 0.0))
+
+
+def _names(keys: tuple[str, ...]) -> tuple[str, ...]:
+    got = _NAMES.get(keys)
+    if got is None:
+        if len(_NAMES) >= _NAMES_MAX:  # a plugin with ever-new names: stop sharing, stay bounded
+            return keys
+        got = _NAMES[keys] = keys
+    return got
+
+
+def _nan_ring(window: int) -> array[float]:
+    ring = _NAN_RINGS.get(window)
+    if ring is None:
+        ring = _NAN_RINGS[window] = array("f", [_NAN]) * window
+    return ring
 
 
 _LOST = math.inf

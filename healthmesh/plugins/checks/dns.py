@@ -18,14 +18,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import anyio
-import dns.asyncquery
-import dns.exception
-import dns.flags
-import dns.message
-import dns.rcode
-import dns.rdatatype
 
-from healthmesh import Check, CheckSettings, ProbeResult, format_duration, hookimpl
+from healthmesh import Check, CheckSettings, ProbeResult, format_duration, hookimpl, lazy_import
 from healthmesh.plugins.checks import (
     MAX_TARGETS,
     config_relative,
@@ -33,6 +27,9 @@ from healthmesh.plugins.checks import (
     split_host_port,
     valid_hostname,
 )
+
+#: dnspython, loaded when the first dns check runs (most agents have none).
+dns = lazy_import("dns", "asyncquery", "exception", "flags", "message", "rcode", "rdatatype")
 
 RESOLV_CONF = "/etc/resolv.conf"
 MAX_RESOLV_BYTES = 64 * 1024

@@ -15,9 +15,12 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import anyio
-import httpx
 
+from healthmesh import lazy_import
 from healthmesh.plugins.clustermesh.connection import Connection
+
+#: httpx is loaded when this code first runs (most agents have no such source).
+httpx = lazy_import("httpx")
 
 #: gRPC status codes etcd answers with (through the gateway's ``code`` field).
 INVALID_ARGUMENT, DEADLINE_EXCEEDED, PERMISSION_DENIED = 3, 4, 7

@@ -11,18 +11,13 @@ from typing import Any, ClassVar
 import anyio
 from anyio.abc import SocketAttribute, TaskStatus
 from loguru import logger
-from prometheus_client import (
-    GC_COLLECTOR,
-    PLATFORM_COLLECTOR,
-    PROCESS_COLLECTOR,
-    CollectorRegistry,
-)
-from prometheus_client.exposition import choose_encoder
 
-from healthmesh import AgentContext, ComponentSettings, Output, Snapshot
-from healthmesh.plugins.metrics.collector import HealthmeshCollector
+from healthmesh import AgentContext, ComponentSettings, Output, Snapshot, lazy_import
 from healthmesh.plugins.metrics.server import MetricsServer, Reply
 from healthmesh.plugins.metrics.settings import MetricsSettings, read_password, tls_context
+
+#: Loaded when a metrics output is configured (with the collector module that uses it).
+prometheus_client = lazy_import("prometheus_client", "exposition")
 
 METRICS_PATH = "/metrics"
 
@@ -37,7 +32,9 @@ class MetricsOutput(Output):
         super().__init__(settings, context)
         self.latest: Snapshot | None = None
         self.address: tuple[str, int] | None = None  # bound, once serving
-        self.registry = CollectorRegistry(auto_describe=False)
+        from healthmesh.plugins.metrics.collector import HealthmeshCollector
+
+        self.registry = prometheus_client.CollectorRegistry(auto_describe=False)
         self.collector = HealthmeshCollector(
             context,
             self._snapshot,
@@ -48,7 +45,8 @@ class MetricsOutput(Output):
         self.registry.register(self.collector)
         if settings.process:
             # The library's own collectors, registered in this registry (not its global one).
-            for lib in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+            pc = prometheus_client
+            for lib in (pc.PROCESS_COLLECTOR, pc.PLATFORM_COLLECTOR, pc.GC_COLLECTOR):
                 self.registry.register(lib)
         if settings.cilium_compat:
             context.telemetry.cilium_enabled = True  # only then does the core feed its histogram
@@ -126,7 +124,7 @@ class MetricsOutput(Output):
 
     def render(self, accept: str = "") -> tuple[bytes, str]:
         """The exposition for an ``Accept`` header: (body, content type), briefly cached."""
-        encoder, ctype = choose_encoder(accept)
+        encoder, ctype = prometheus_client.exposition.choose_encoder(accept)
         key = ctype
         now = time.monotonic()
         hit = self._cache.get(key)

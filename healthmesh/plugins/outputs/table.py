@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import sys
+from typing import TYPE_CHECKING
 
 from anyio.abc import TaskStatus
-from rich.console import Console
-from rich.live import Live
 
 from healthmesh import ComponentSettings, Output, Snapshot, hookimpl, summary_table
+
+if TYPE_CHECKING:
+    from rich.live import Live
 
 
 class TableSettings(ComponentSettings):
@@ -26,11 +28,15 @@ class TableOutput(Output):
 
     def __init__(self, settings: TableSettings, context: object) -> None:
         super().__init__(settings, context)  # type: ignore[arg-type]
+        from rich.console import Console  # here: rich is loaded only when a table is shown
+
         self.out = Console(file=sys.stdout)
         self.live: Live | None = None
 
     async def run(self, *, task_status: TaskStatus[None]) -> None:
         if self.settings.live and self.out.is_terminal:
+            from rich.live import Live
+
             self.live = Live(console=self.out, auto_refresh=False)
             self.live.start()
         task_status.started()

@@ -11,14 +11,24 @@ from collections import deque
 from typing import Any, ClassVar
 
 import anyio
-import httpx
 import msgspec
 from anyio.abc import TaskStatus
 from loguru import logger
 
-from healthmesh import AgentContext, ComponentSettings, Event, Output, Snapshot, __version__
+from healthmesh import (
+    AgentContext,
+    ComponentSettings,
+    Event,
+    Output,
+    Snapshot,
+    __version__,
+    lazy_import,
+)
 from healthmesh.plugins.webhook.dedup import FlapFolder
 from healthmesh.plugins.webhook.settings import WebhookSettings, read_secret, redact, validate
+
+#: Loaded when the first webhook starts (most agents have none).
+httpx = lazy_import("httpx")
 
 SIGNATURE_HEADER = "X-Healthmesh-Signature"
 DELIVERY_HEADER = "X-Healthmesh-Delivery"

@@ -14,7 +14,11 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
+from healthmesh import lazy_import
+
+#: httpx is loaded when this code first runs (most agents have no such source).
+httpx = lazy_import("httpx")
+
 
 #: Largest error body read (a ``Status`` object is a few hundred bytes).
 MAX_ERROR_BYTES = 64 * 1024

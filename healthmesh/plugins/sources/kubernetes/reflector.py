@@ -13,12 +13,14 @@ from collections.abc import Callable
 from typing import Any
 
 import anyio
-import httpx
 from loguru import logger
 
-from healthmesh import Backoff
+from healthmesh import Backoff, lazy_import
 from healthmesh.plugins.sources.kubernetes.api import Api, ApiError, Resource
 from healthmesh.plugins.sources.kubernetes.nodes import name_of
+
+#: httpx is loaded when this code first runs (most agents have no such source).
+httpx = lazy_import("httpx")
 
 
 class Reflector:

@@ -6,14 +6,21 @@ from dataclasses import dataclass
 from typing import Any
 
 import anyio
-import httpx
 import msgspec
 from anyio.abc import TaskStatus
 from loguru import logger
 
-from healthmesh import ComponentSettings, ConfigError, Duration, Name, Node, PeerSource, SourceFeed
+from healthmesh import (
+    ComponentSettings,
+    ConfigError,
+    Duration,
+    Name,
+    Node,
+    PeerSource,
+    SourceFeed,
+    lazy_import,
+)
 from healthmesh.plugins.sources.kubernetes.api import CILIUM_NODES, NODES, Api, Limits
-from healthmesh.plugins.sources.kubernetes.kubeconfig import load_api_config
 from healthmesh.plugins.sources.kubernetes.nodes import (
     NodeFacts,
     Skip,
@@ -22,6 +29,9 @@ from healthmesh.plugins.sources.kubernetes.nodes import (
     to_node,
 )
 from healthmesh.plugins.sources.kubernetes.reflector import Reflector
+
+#: httpx is loaded when this code first runs (most agents have no such source).
+httpx = lazy_import("httpx")
 
 ADDRESS_TYPES = ("InternalIP", "ExternalIP")
 
@@ -110,6 +120,8 @@ class KubernetesSource(PeerSource):
     def validate_settings(cls, settings: KubernetesSettings, config: Any) -> None:
         check_settings(settings)
         if settings.kubeconfig:  # a named file must be readable now; the default chain is
+            from healthmesh.plugins.sources.kubernetes.kubeconfig import load_api_config
+
             load_api_config(settings.kubeconfig, settings.context, config.path)  # run-time
 
     def __init__(self, settings: KubernetesSettings, context: Any) -> None:
@@ -131,6 +143,8 @@ class KubernetesSource(PeerSource):
         self.feed = feed
         s = self.settings
         try:
+            from healthmesh.plugins.sources.kubernetes.kubeconfig import load_api_config
+
             conf = load_api_config(s.kubeconfig, s.context, self.context.config.path)
         except ConfigError as exc:
             feed.mark_stale(f"kubernetes: {exc}")

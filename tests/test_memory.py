@@ -1,0 +1,51 @@
+"""The agent's allocator setting: big buffers freed go back to the system (core/memory.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from healthmesh.core.memory import tune_allocator
+from tests.conftest import ROOT, require
+
+#: Allocates and frees an 8 MiB buffer twice, as each round's JSON encoding does, and prints
+#: the RSS growth left after the second free (MiB).
+CHURN = """
+import json, sys
+from healthmesh.core.memory import tune_allocator
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096 / 2**20
+tuned = tune_allocator() if sys.argv[1] == "tuned" else False
+base = rss()
+for _ in range(2):
+    buf = b"x" * (8 << 20)
+    del buf
+print(json.dumps({"tuned": tuned, "left_mb": rss() - base}))
+"""
+
+
+def churn(mode: str, env: dict[str, str] | None = None) -> dict[str, float]:
+    proc = subprocess.run([sys.executable, "-c", CHURN, mode], capture_output=True, text=True,
+                          timeout=60, cwd=ROOT, env=env)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def test_freed_encodings_leave_the_rss_only_with_the_fixed_threshold() -> None:
+    require(None if sys.platform.startswith("linux") else "needs Linux with glibc")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    tuned = churn("tuned", env)
+    assert tuned["tuned"] is True
+    assert tuned["left_mb"] < 2.0, tuned
+    # glibc's default: the second buffer comes from the heap and stays in the RSS when freed.
+    assert churn("default", env)["left_mb"] > 6.0
+
+
+def test_an_operators_malloc_setting_is_left_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
+    assert tune_allocator() is False

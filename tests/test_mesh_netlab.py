@@ -8,7 +8,8 @@ verdicts are exactly the expected one, and heals the lab. Bounds (docs/mesh.md):
   interval + ``rows_min_gap`` + 3 s after the fault;
 - node down: the same for the first verdict, lease_ttl more for the certain one (heartbeat
   expired); agent down: lease_ttl + interval + 3 s (it rests on the expired heartbeat);
-- 20% loss: the rolling window (WINDOW samples at one per interval) + 3 s.
+- 20% loss: two rolling windows (WINDOW samples at one per interval) + 3 s: one window of
+  lossy samples gives the right loss only on average (docs/mesh.md).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ ROWS_GAP = 0.5
 WINDOW = 20
 NET_BOUND = INTERVAL + ROWS_GAP + 3.0
 HEARTBEAT_BOUND = LEASE_TTL + INTERVAL + 3.0
-LOSS_BOUND = WINDOW * INTERVAL + 3.0
+LOSS_BOUND = 2 * WINDOW * INTERVAL + 3.0
 #: The healthy mesh under 5% loss is watched this long (docs/mesh.md: at a 1 s interval this
 #: is 6 times the rounds of the issue's 5 minutes at the default 30 s).
 SOAK = 60.0

@@ -158,3 +158,127 @@ async def test_a_cooperative_build_lets_other_tasks_run_and_gives_the_same_snaps
     assert snap.data == build_snapshot(m, store, KINDS, probing, timestamp=1.0).data
     assert len(snap.data["nodes"]) == n + 1
     assert during >= 3  # the other task ran between chunks of rendered nodes
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_lazy_views_read_or_not_between_results_give_the_full_rendering(seed: int) -> None:
+    """Views are rendered on read: whether or not anyone reads between results, a path's
+    view is its state's rendering now, the same dict until its next result and a new one
+    after it, and incremental snapshots and API bytes equal full ones."""
+    rng = random.Random(100 + seed)
+    local = Node("me", addresses=("10.0.0.1",), health_addresses=("10.0.1.1",))
+    m = Membership(local)
+    m.feed("static")
+    m.replace("static", [make_node(i, rng) for i in range(40)])
+    store = StateStore(3, 10)
+    track(m, store, KINDS)
+    keys = [(path.key, kind) for node in m.nodes()
+            for path in m.paths_of(node, host=True, endpoint=True) for kind in KINDS]
+    probing = ProbingSettings()
+    builder = SnapshotBuilder()
+    renderer = IncrementalRenderer()
+    t = time.time()
+    seen: dict[tuple[object, str], dict[str, object]] = {}
+    for _ in range(30):
+        for key, kind in rng.sample(keys, rng.randint(0, 12)):
+            for _ in range(rng.randint(1, 3)):  # several results, read in between or not
+                t += 0.5
+                before = store.renders
+                store.record(key, kind, result(rng, t))
+                assert store.renders == before  # recording renders nothing
+                seen.pop((key, kind), None)
+                if rng.random() < 0.5:
+                    v = store.view(key, kind)
+                    assert v is not None and v not in seen.values()
+                    seen[(key, kind)] = v
+        for key, kind in rng.sample(keys, 10):
+            v = store.view(key, kind)
+            st = store.get(key, kind)
+            assert st is not None and v == st.as_dict()
+            if (key, kind) in seen:
+                assert v is seen[(key, kind)]  # no result since: the very same dict
+            seen[(key, kind)] = v
+        if rng.random() < 0.7:  # sometimes several steps of results between snapshots
+            inc = builder.build(m, store, KINDS, probing, timestamp=t)
+            full = build_snapshot(m, store, KINDS, probing, timestamp=t)
+            assert inc.data == full.data
+            got, want = renderer.build(inc.data), Rendered.build(full.data)
+            assert got.status == want.status and got.beta == want.beta
+            again = store.renders
+            assert builder.build(m, store, KINDS, probing, timestamp=t).data == full.data
+            assert builder.rendered == 0 and store.renders == again
+
+
+def test_a_snapshot_after_unread_results_renders_each_changed_view_once() -> None:
+    local = Node("me", addresses=("10.0.0.1",))
+    m = Membership(local)
+    m.feed("static")
+    m.replace("static", [Node(f"n{i}", addresses=(f"10.1.0.{i + 1}",)) for i in range(20)])
+    store = StateStore(3, 10)
+    track(m, store, KINDS)
+    probing = ProbingSettings()
+    builder = SnapshotBuilder()
+    builder.build(m, store, KINDS, probing)
+    n3 = next(n for n in m.nodes() if n.name == "n3")
+    key = m.paths_of(n3, host=True, endpoint=True)[0].key
+    old = store.view(key, "icmp")
+    t = time.time()
+    for i in range(5):  # five results, none read: the latest one is what the snapshot shows
+        store.record(key, "icmp", ProbeResult(i == 4, 0.002 if i == 4 else None,
+                                              None if i == 4 else "timeout", {}, t + i, t + i))
+    before = store.renders
+    snap = builder.build(m, store, KINDS, probing)
+    assert store.renders - before == 1 and builder.rendered == 1
+    entry = next(n for n in snap.data["nodes"] if n["name"] == "n3")
+    view = entry["paths"][0]["probes"]["icmp"]
+    assert view is not old and view is store.view(key, "icmp")
+    assert view["state"] == "reachable" and view["rtt_ms"] == 2.0
+    assert view["samples"] == 5 and view["loss_pct"] == 80.0
+
+
+@pytest.mark.anyio
+async def test_a_cooperative_build_paces_itself_by_the_views_it_renders() -> None:
+    """After a round every view is rendered during the build: it yields every VIEW_CHUNK
+    views, not only every RENDER_CHUNK nodes (which would hold the loop 4 × longer)."""
+    import anyio
+    import anyio.lowlevel
+
+    from healthmesh.core.snapshot import RENDER_CHUNK, VIEW_CHUNK
+
+    local = Node("me", addresses=("10.0.0.1",))
+    m = Membership(local)
+    m.feed("static")
+    n = RENDER_CHUNK  # fewer nodes than one node chunk: only the view pacing yields
+    m.replace("static", [Node(f"n{i}", addresses=(f"10.1.0.{i + 1}",),
+                              health_addresses=(f"10.2.0.{i + 1}",)) for i in range(n - 2)])
+    store = StateStore(3, 10)
+    track(m, store, KINDS)
+    probing = ProbingSettings()
+    builder = SnapshotBuilder()
+    builder.build(m, store, KINDS, probing, timestamp=1.0)
+    t = time.time()
+    for node in m.nodes():
+        for path in m.paths_of(node, host=True, endpoint=True):
+            for kind in KINDS:
+                store.record(path.key, kind, ProbeResult(True, 0.001, None, {}, t, t))
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await anyio.lowlevel.checkpoint()
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(ticker)
+            await anyio.lowlevel.checkpoint()
+            before, renders = ticks, store.renders
+            snap = await builder.build_async(m, store, KINDS, probing, timestamp=1.0)
+            during = ticks - before
+            tg.cancel_scope.cancel()
+    views = store.renders - renders
+    assert views == 4 * (n - 2) + 1 * 2  # every peer's 4 views, the local node's 2
+    assert during >= 3  # 994 views: at least 3 chunks of VIEW_CHUNK, each followed by a yield
+    assert views >= 3 * VIEW_CHUNK
+    assert snap.data == build_snapshot(m, store, KINDS, probing, timestamp=1.0).data

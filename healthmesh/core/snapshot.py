@@ -1,9 +1,8 @@
 """Build the JSON snapshot (docs/snapshot.schema.json) from the membership and path states.
 
 A ``SnapshotBuilder`` keeps each node's rendered entry and reuses it while the node and the
-per-kind views it was built from are the same objects: the state store renders a path's
-view as a new dict on the first read after a result and returns that same dict until the
-next one, so an identity check says "unchanged" exactly. A
+per-kind views it was built from are the same objects: the state store replaces a path's
+view with a new dict on every result, so an identity check says "unchanged" exactly. A
 snapshot taken between rounds (a state change, an API or metrics read) then costs a lookup
 per node, not a rendering of every path.
 """
@@ -23,9 +22,6 @@ from healthmesh.core.state import StateStore, rfc3339
 
 #: Nodes rendered between two chances for other tasks to run (``build_async``).
 RENDER_CHUNK = 250
-#: Path views rendered (by the state store, on first read after a result) between two
-#: chances for other tasks to run: a few ms of work, as RENDER_CHUNK nodes' entries are.
-VIEW_CHUNK = 250
 
 _UNREACHABLE = "unreachable"
 _REACHABLE = "reachable"
@@ -108,8 +104,8 @@ class SnapshotBuilder:
     ) -> Generator[None, None, Snapshot]:
         """Build the agent's current view: every node, path and kind, with summary counts.
 
-        A generator that yields after every ``RENDER_CHUNK`` nodes rendered afresh (or
-        sooner, once ``VIEW_CHUNK`` path views were rendered) and returns the snapshot.
+        A generator that yields after every ``RENDER_CHUNK`` nodes rendered afresh and
+        returns the snapshot.
 
         ``components`` is the agent's component states (``ComponentHealth.listing()``).
         ``probed`` (a sampled mesh) limits the nodes to those ids: the nodes this agent probes.
@@ -127,7 +123,6 @@ class SnapshotBuilder:
         local_id = membership.local.id
         view = store.view
         rendered = 0
-        mark = store.renders
         for node in membership.nodes():
             nid = node.id
             if probed is not None and nid not in probed:
@@ -160,8 +155,7 @@ class SnapshotBuilder:
             if fresh:
                 entry = _render(node, source, nid == local_id, kinds_t, paths, views, keys)
                 rendered += 1
-                if rendered % RENDER_CHUNK == 0 or store.renders - mark >= VIEW_CHUNK:
-                    mark = store.renders
+                if rendered % RENDER_CHUNK == 0:
                     yield
             else:
                 assert entry is not None

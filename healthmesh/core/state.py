@@ -355,11 +355,7 @@ class StateStore:
         self.telemetry = telemetry if telemetry is not None else Telemetry()
         self._states: dict[tuple[tuple[str, str, str], str], KindState] = {}
         self._retired: dict[tuple[tuple[str, str, str], str], tuple[float, KindState]] = {}
-        #: Rendered views of the paths read since their latest result. A result drops its
-        #: path's entry; the next read renders a new dict (docs/architecture.md, "Rendering").
         self._cache: dict[tuple[tuple[str, str, str], str], dict[str, Any]] = {}
-        #: Views rendered so far: lets a snapshot build pace itself by rendering work done.
-        self.renders = 0
 
     def ensure(self, key: tuple[str, str, str], kind: str) -> KindState:
         """The state of ``key``/``kind``, created (or brought back from retirement) if needed."""
@@ -396,22 +392,16 @@ class StateStore:
         old = st.state
         st.record(result)
         self.telemetry.result(key, kind, result, old, st.state)
-        # The view is rendered when next read, not now: a path's statistics are read at
-        # most once per snapshot, while results (confirmations, several per round when
-        # failing) can arrive more often; the snapshot build renders in paced chunks.
-        self._cache.pop((key, kind), None)
+        # Render the JSON view now, while results trickle in, rather than all 10,000s of
+        # them at once when the snapshot is built at the end of a round.
+        self._cache[(key, kind)] = st.as_dict()
         return st
 
     def get(self, key: tuple[str, str, str], kind: str) -> KindState | None:
         return self._states.get((key, kind))
 
     def view(self, key: tuple[str, str, str], kind: str) -> dict[str, Any] | None:
-        """The JSON form of one path/kind: rendered on the first read after a result.
-
-        Until the path's next result every read returns the same dict, and after it a new
-        one: readers (``SnapshotBuilder``) tell "unchanged" by identity. Readers must not
-        modify it.
-        """
+        """The JSON form of one path/kind, cached until its next result."""
         k = (key, kind)
         cached = self._cache.get(k)
         if cached is None:
@@ -419,5 +409,4 @@ class StateStore:
             if st is None:
                 return None
             cached = self._cache[k] = st.as_dict()
-            self.renders += 1
         return cached

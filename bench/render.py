@@ -4,6 +4,8 @@ Builds a membership of PEERS peers (a node and a health-endpoint address each, i
 4 × PEERS path/kind states, windows full), then times, best of ``--repeat``:
   * recording one round of results (``StateStore.record``, which renders each view);
   * a snapshot after a round (every node changed) and right after another (nothing changed);
+  * a round's results plus the snapshot after it: comparable across checkouts that render
+    the views at different times (when recorded, or when the snapshot reads them);
   * the API's two documents for each (``/v1/status``, ``/v1beta/status``);
   * the json output's encoding of a snapshot;
   * a full cyclic garbage collection over that state, before and after ``gc.freeze()``.
@@ -127,6 +129,7 @@ def main() -> int:
         render(holder["data"])
 
     res["snapshot_changed_ms"] = best(args.repeat, snap, one_round)
+    res["round_and_snapshot_ms"] = best(args.repeat, lambda: (one_round(), snap()))
     res["snapshot_unchanged_ms"] = best(args.repeat, snap, snap)
     res["api_changed_ms"] = best(args.repeat, lambda: render(holder["data"]),
                                  lambda: (one_round(), holder.update(data=snap().data)))

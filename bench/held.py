@@ -50,24 +50,27 @@ from state import result
 from healthmesh.core.config import ProbingSettings
 from healthmesh.core.membership import Membership
 from healthmesh.core.model import Node
-from healthmesh.core.snapshot import build_snapshot
+from healthmesh.core.snapshot import SnapshotBuilder, build_snapshot
 from healthmesh.core.state import StateStore
-from healthmesh.plugins.api.views import Rendered
+from healthmesh.plugins.api.views import IncrementalRenderer, Rendered
 
 
 def mb(proc: psutil.Process) -> float:
     return round(proc.memory_info().rss / 2**20, 1)
 
 
-def render(data: dict[str, Any], into: list[Any]) -> None:
+def render(data: dict[str, Any], into: list[Any], renderer: Any = None) -> None:
     """The API's rendering, in a thread of its own as the API's worker thread does it."""
-    into.append(Rendered.build(data))
+    into.append(Rendered.build(data) if renderer is None else renderer.build(data))
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--peers", type=int, default=5000)
     ap.add_argument("--window", type=int, default=100)
+    ap.add_argument("--incremental", action="store_true",
+                    help="build as the agent does: SnapshotBuilder and the API's "
+                         "IncrementalRenderer (they keep per-node entries and fragments)")
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     args = ap.parse_args()
@@ -112,12 +115,17 @@ def main() -> int:
     latest: list[Any] = [None, None]  # the agent's snapshot and the API's rendering
     rounds: list[float] = []
     blocks: list[int] = []  # live Python memory blocks: growth here is data, not fragmentation
+    builder = SnapshotBuilder() if args.incremental else None
+    renderer = IncrementalRenderer() if args.incremental else None
     for r in range(args.rounds):
         for key, kind in series:
             store.record(key, kind, result(kind, rng, t + args.window + 10 + r))
-        snap = build_snapshot(membership, store, kinds, probing)
+        if builder is not None:
+            snap = builder.build(membership, store, kinds, probing)
+        else:
+            snap = build_snapshot(membership, store, kinds, probing)
         holder: list[Any] = []
-        worker = threading.Thread(target=render, args=(snap.data, holder))
+        worker = threading.Thread(target=render, args=(snap.data, holder, renderer))
         worker.start()
         worker.join()
         line = json.dumps(snap.data, separators=(",", ":")) + "\n"  # the json output

@@ -232,6 +232,12 @@ def test_a_client_that_pipelines_and_never_reads_is_cut_off(quick: AgentProcess)
         # (named after the private path the socket was bound at before its rename).
         return sum(bool(c.laddr) for c in proc.net_connections("unix"))
 
+    # Connections left by earlier tests on this agent are closed by its idle deadline at the
+    # latest: wait for the listener alone, so that the count below is this test's connection.
+    settled = time.monotonic() + IDLE + 6
+    while open_conns() > 1:
+        assert time.monotonic() < settled, "earlier tests' connections were never closed"
+        time.sleep(0.05)
     before, rss = open_conns(), proc.memory_info().rss
     # Thousands of requests whose answers would be megabytes if all were buffered.
     requests = b"GET /v1/status HTTP/1.1\r\nHost: x\r\n\r\n" * 20000

@@ -81,10 +81,17 @@ def test_pipelined_flood_on_10_connections_does_not_delay_another_clients_hello(
     finally:
         rp.stop()
     assert counts["bursts"] >= 10, counts  # the flood did run: 2,000 requests per burst
-    assert not errors, errors[:5]
+    assert not errors, errors[:5]  # none reached the 1 s timeout a peer gives a probe
     assert len(rtts) >= 50, len(rtts)
     rtts.sort()
-    assert rtts[-1] <= BOUND_MS, f"max {rtts[-1]:.1f} ms, p99 {rtts[len(rtts) * 99 // 100]:.1f} ms"
+    # Judged at p99: on a shared 2-core machine one probe in a few hundred can land while the
+    # responder process is descheduled (a 249 ms outlier over a 12 ms p99 was seen in CI), which
+    # is the OS scheduler, not the responder's queueing. Before the fix the p50 was 450-600 ms.
+    slow = [r for r in rtts if r > BOUND_MS]
+    assert len(slow) <= len(rtts) // 100, (
+        f"{len(slow)} of {len(rtts)} over {BOUND_MS:g} ms; p99 "
+        f"{rtts[len(rtts) * 99 // 100]:.1f} ms, max {rtts[-1]:.1f} ms"
+    )
     assert "Traceback" not in rp.log(), rp.log()[-2000:]
 
 

@@ -150,9 +150,10 @@ def test_a_huge_node_file_does_not_stall_the_responder(tmp_path: Path) -> None:
             stop.set()
             churner.join(10)
         # The loop is never held for a parse: every /hello is answered well within the
-        # 1 s probe timeout peers use (the median is about a millisecond; today's main
-        # stalls 2.3 s here). The bound leaves room for a shared, loaded machine.
-        assert max(hello) < 0.25, sorted(hello)[-5:]
+        # 1 s probe timeout peers use (the median is about a millisecond; a parse on the loop
+        # stalls 2.3 s here). The bound leaves room for a shared, loaded machine, where one
+        # request in a few hundred can wait a quarter second for a CPU.
+        assert max(hello) < 0.5, sorted(hello)[-5:]
         assert sorted(hello)[len(hello) // 2] < 0.02, sorted(hello)[len(hello) // 2]
         doc = agent.wait_for(lambda d: d["sources"]["file"]["stale"])
         assert _names(doc) == ["p1", "p2"]

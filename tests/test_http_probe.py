@@ -100,7 +100,7 @@ async def test_listener_that_accepts_and_never_answers_times_out_on_time() -> No
     assert result.error is not None
     expected = f"timeout after 300ms waiting for the response of 127.0.0.1:{port}"
     assert result.error.startswith(expected)
-    assert 0.28 <= took < 0.6
+    assert 0.28 <= took < 0.9  # the timeout, with margin for a loaded machine
     assert "connect_ms" in result.details
 
 

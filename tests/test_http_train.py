@@ -106,7 +106,7 @@ async def test_a_peer_that_never_answers_holds_the_train_up_by_one_step_only() -
     # the next probe (at most two open; all ten at once would be a burst).
     assert live.accepted[0] - silent.accepted[0] < 0.2
     assert live.most_open <= 2
-    assert 0.5 <= took < 1.0
+    assert 0.5 <= took < 1.5  # about one timeout, not ten (margin for a loaded machine)
 
 
 async def test_a_long_train_starts_within_the_spread_and_ends_by_its_timeout() -> None:
@@ -119,8 +119,9 @@ async def test_a_long_train_starts_within_the_spread_and_ends_by_its_timeout() -
         took = time.monotonic() - start
     assert all(r.error is not None and "waiting for the response" in r.error for r in results)
     # 300 steps of 2 ms would take 0.6 s: the starts are squeezed into TRAIN_SPREAD, and
-    # the last probe ends within the timeout of the first.
-    assert 0.4 <= took < 0.4 + TRAIN_SPREAD + 0.15
+    # the last probe ends within the timeout of the first (margin for a loaded machine,
+    # still below the 1.0 s that unsqueezed starts would take).
+    assert 0.4 <= took < 0.4 + TRAIN_SPREAD + 0.4
 
 
 async def test_instant_failures_in_a_train_do_not_stop_it() -> None:

@@ -172,4 +172,4 @@ def test_first_results_arrive_within_a_second_of_start(tmp_path: Path) -> None:
         elapsed = time.monotonic() - start
     # Round 0 runs at max_rate, not spread over the 30 s interval.
     assert doc["summary"]["reachable"] == 5
-    assert elapsed < 1.5
+    assert elapsed < 5.0  # a paced round would take the 30 s interval

@@ -170,9 +170,13 @@ async def test_added_peers_are_probed_promptly_and_removed_ones_stop(accept_log:
             await anyio.sleep(0.3)
             t_add = time.monotonic()
             sched.set_paths(first + extra)
-            await anyio.sleep(0.3)
             added_at = accept_log.times["127.0.2.1"]
-            assert added_at and added_at[0] - t_add < 0.1
+            with anyio.fail_after(2):
+                while not added_at:
+                    await anyio.sleep(0.01)
+            # Within a tick or so, not at its slot in the 10 s interval (margin for a loaded
+            # machine, where the loop can be held a few hundred ms).
+            assert added_at[0] - t_add < 1.0
             sched.set_paths(first[1:])  # p1 and the added peer leave
             before = {a: len(t) for a, t in accept_log.times.items()}
             await anyio.sleep(0.5)

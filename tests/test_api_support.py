@@ -110,6 +110,9 @@ class AgentProcess:
         self.spawned_at = 0.0
 
     def start(self) -> AgentProcess:
+        # A second start would orphan the first agent (``with AgentProcess(...).start()``
+        # once left one running after the suite).
+        assert self.proc is None, "AgentProcess started twice (use it as a context manager)"
         argv = [*self.prefix, *healthmesh_cmd(), "run", "-c", str(self.config_path),
                 "-o", "json", "--log-level", "INFO"]
         self.spawned_at = time.monotonic()

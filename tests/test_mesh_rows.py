@@ -263,7 +263,7 @@ nodes = [{{name = "gone", addresses = ["127.0.0.9"]}}]
 [outputs.api]
 socket = "{sock}"
 """
-    with AgentProcess(tmp_path, config, socket_path=sock, name="solo").start() as agent:
+    with AgentProcess(tmp_path, config, socket_path=sock, name="solo") as agent:
         agent.wait_serving()
         m = wait_matrix(agent, lambda m: m["verdicts"] != [])
         jsonschema.validate(m, SCHEMA)

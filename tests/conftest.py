@@ -77,3 +77,46 @@ def run_cli(
         input=input,
         cwd=ROOT,
     )
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Fail the run if a test left a process behind (an agent whose config is a test's file).
+
+    Runs once, in the controlling process, after every worker has finished: whatever still
+    has an argument under this run's temporary directory was orphaned by a test. It is
+    killed, named, and the run fails, so a leak cannot hide behind passing tests.
+    """
+    if hasattr(session.config, "workerinput"):  # an xdist worker: the controller checks
+        return
+    import time
+
+    import psutil
+
+    base = str(session.config._tmp_path_factory.getbasetemp())  # type: ignore[attr-defined]
+
+    def leftovers() -> list[psutil.Process]:
+        found = []
+        for proc in psutil.process_iter(["pid", "cmdline"]):
+            args = proc.info["cmdline"] or []
+            if proc.pid != os.getpid() and any(a.startswith(base) for a in args):
+                found.append(proc)
+        return found
+
+    deadline = time.monotonic() + 5  # processes being stopped at teardown may still be exiting
+    left = leftovers()
+    while left and time.monotonic() < deadline:
+        time.sleep(0.2)
+        left = leftovers()
+    if not left:
+        return
+    lines = []
+    for proc in left:
+        try:
+            lines.append(f"  pid {proc.pid}: {' '.join(proc.cmdline())[:200]}")
+            proc.kill()
+        except psutil.Error:
+            continue
+    if lines:
+        sys.stderr.write("\nprocesses left running by the tests (killed):\n")
+        sys.stderr.write("\n".join(lines) + "\n")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

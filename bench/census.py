@@ -118,8 +118,34 @@ def rounds_completed(sock: Path) -> int:
         return -1
 
 
+def sampler(out: dict[str, Any], stop: threading.Event) -> None:
+    """Once a second from start: RSS, and with tracing the traced bytes' peak in that second."""
+    proc = psutil.Process()
+    t0 = time.monotonic()
+    timeline: list[list[float]] = out.setdefault("timeline", [])
+    while not stop.wait(1.0):
+        row = [round(time.monotonic() - t0, 1), mb(proc.memory_info().rss)]
+        if tracemalloc.is_tracing():
+            row += [mb(n) for n in tracemalloc.get_traced_memory()]
+            tracemalloc.reset_peak()
+        timeline.append(row)
+
+
+def trim() -> float | None:
+    """glibc's malloc_trim(0): free memory of the C heap back to the system; RSS after."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        return None
+    return mb(psutil.Process().memory_info().rss)
+
+
 def watcher(args: argparse.Namespace, sock: Path, out: dict[str, Any], failed: list[str]) -> None:
     proc = psutil.Process()
+    stop = threading.Event()
+    threading.Thread(target=sampler, args=(out, stop), daemon=True).start()
     deadline = time.monotonic() + 180 + args.rounds * args.interval * 2 + args.peers / 100
     try:
         while rounds_completed(sock) < args.rounds:
@@ -128,12 +154,15 @@ def watcher(args: argparse.Namespace, sock: Path, out: dict[str, Any], failed: l
                 return
             time.sleep(1.0)
         time.sleep(args.settle)
+        stop.set()
         out["rss_mb"] = mb(proc.memory_info().rss)
+        out["rss_after_malloc_trim_mb"] = trim()
         out["python_blocks"] = sys.getallocatedblocks()
         out["threads"] = threading.active_count()
         if tracemalloc.is_tracing():
-            traced, peak = tracemalloc.get_traced_memory()
-            out["traced_mb"], out["traced_peak_mb"] = mb(traced), mb(peak)
+            traced, _ = tracemalloc.get_traced_memory()
+            out["traced_mb"] = mb(traced)
+            out["traced_peak_mb"] = max((r[3] for r in out["timeline"]), default=None)
             out["tracemalloc_overhead_mb"] = mb(tracemalloc.get_tracemalloc_memory())
             out.update(trace_tables(args.top))
             tracemalloc.stop()
@@ -197,10 +226,17 @@ def main() -> int:
         return 1
     print(f"{out['root']}: {args.peers} peers at {args.interval:g} s, census after "
           f"{args.rounds} rounds + {args.settle:g} s, {out['date']}, load {out['load']}")
-    print(f"RSS {out['rss_mb']} MB, Python blocks {out['python_blocks']:,}, threads "
+    print(f"RSS {out['rss_mb']} MB ({out['rss_after_malloc_trim_mb']} after malloc_trim), "
+          f"Python blocks {out['python_blocks']:,}, threads "
           f"{out['threads']}" + (f", traced {out['traced_mb']} MB (peak {out['traced_peak_mb']},"
                                  f" tracemalloc's own {out['tracemalloc_overhead_mb']})"
                                  if args.trace else ""))
+    print("\nmax RSS MB (with --trace: max traced peak MB) per 10 s from start:")
+    line = out["timeline"]
+    print("  ".join(
+        f"{chunk[-1][0]:.0f}s {max(r[1] for r in chunk)}"
+        + (f" ({max(r[3] for r in chunk)})" if len(chunk[0]) > 2 else "")
+        for chunk in (line[i:i + 10] for i in range(0, len(line), 10))))
     if args.trace:
         print("\n| allocation site | MB | blocks |\n|---|---|---|")
         for s in out["sites"]:

@@ -142,6 +142,45 @@ def trim() -> float | None:
     return mb(psutil.Process().memory_info().rss)
 
 
+def pymalloc_stats() -> dict[str, float]:
+    """pymalloc's own accounting (``sys._debugmallocstats``, which writes to fd 2): MB in
+    arenas, in live blocks, free in used pools, in empty pools, in pool headers."""
+    with tempfile.TemporaryFile() as f:
+        saved = os.dup(2)
+        os.dup2(f.fileno(), 2)
+        try:
+            sys._debugmallocstats()
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        f.seek(0)
+        text = f.read().decode(errors="replace")
+    wanted = {
+        "# arenas allocated current": "arenas_current",
+        "# bytes in allocated blocks": "in_live_blocks_mb",
+        "# bytes in available blocks": "free_in_used_pools_mb",
+        "# bytes lost to pool headers": "pool_headers_mb",
+        "# bytes lost to quantization": "quantization_mb",
+        "# bytes lost to arena alignment": "arena_alignment_mb",
+    }
+    got: dict[str, float] = {}
+    for line in text.splitlines():
+        head, _, value = line.rpartition("=")
+        head = head.strip()
+        try:
+            number = int(value.strip().replace(",", ""))
+        except ValueError:
+            continue
+        if "unused pools" in head:
+            got["empty_pools_mb"] = mb(number)
+            continue
+        for prefix, name in wanted.items():
+            if head.startswith(prefix) and name not in got:
+                got[name] = number if name == "arenas_current" else mb(number)
+                break
+    return got
+
+
 def watcher(args: argparse.Namespace, sock: Path, out: dict[str, Any], failed: list[str]) -> None:
     proc = psutil.Process()
     stop = threading.Event()
@@ -157,6 +196,7 @@ def watcher(args: argparse.Namespace, sock: Path, out: dict[str, Any], failed: l
         stop.set()
         out["rss_mb"] = mb(proc.memory_info().rss)
         out["rss_after_malloc_trim_mb"] = trim()
+        out["pymalloc"] = pymalloc_stats()
         out["python_blocks"] = sys.getallocatedblocks()
         out["threads"] = threading.active_count()
         if tracemalloc.is_tracing():
@@ -231,6 +271,7 @@ def main() -> int:
           f"{out['threads']}" + (f", traced {out['traced_mb']} MB (peak {out['traced_peak_mb']},"
                                  f" tracemalloc's own {out['tracemalloc_overhead_mb']})"
                                  if args.trace else ""))
+    print(f"pymalloc: {out['pymalloc']}")
     print("\nmax RSS MB (with --trace: max traced peak MB) per 10 s from start:")
     line = out["timeline"]
     print("  ".join(

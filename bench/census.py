@@ -95,8 +95,8 @@ def trace_tables(top: int) -> dict[str, Any]:
         (tracemalloc.Filter(False, tracemalloc.__file__),))
     sites = []
     for stat in snap.statistics("traceback")[:top]:
-        frames = [f"{Path(f.filename).name}:{f.lineno}" for f in stat.traceback]
-        sites.append({"site": " < ".join(frames), "mb": mb(stat.size), "blocks": stat.count})
+        frames = [f"{Path(f.filename).name}:{f.lineno}" for f in stat.traceback]  # caller first
+        sites.append({"site": " → ".join(frames), "mb": mb(stat.size), "blocks": stat.count})
     files = []
     for stat in snap.statistics("filename")[:top]:
         name = stat.traceback[0].filename
@@ -136,9 +136,12 @@ def trim() -> float | None:
     import ctypes
 
     try:
+        t = time.perf_counter()
         ctypes.CDLL("libc.so.6").malloc_trim(0)
+        ms = (time.perf_counter() - t) * 1000
     except (OSError, AttributeError):
         return None
+    print(f"malloc_trim(0): {ms:.1f} ms", file=sys.__stderr__)
     return mb(psutil.Process().memory_info().rss)
 
 

@@ -30,6 +30,7 @@ from healthmesh.core.events import EventLog, StateEvents, feed_output
 from healthmesh.core.health import ComponentHealth
 from healthmesh.core.isolation import ENTER_DEADLINE, IsolatedProbe, LoopWatchdog
 from healthmesh.core.membership import Membership
+from healthmesh.core.memory import release_free_memory
 from healthmesh.core.mesh import assemble, row_from_snapshot
 from healthmesh.core.model import Node, Snapshot
 from healthmesh.core.plugins import PluginRegistry
@@ -427,6 +428,9 @@ class Agent:
         self.telemetry.round_finished(rnd.duration)
         logger.debug("round {} finished in {:.3f}s", rnd.number, rnd.duration or 0.0)
         await self._hand_to_outputs("round_completed", await self._snapshot_async())
+        # The round's renderings are done and the previous ones freed: hand the C heap's
+        # free pages back (≈ 1 ms, in a thread; docs/benchmarks.md, issue 17 second pass).
+        await anyio.to_thread.run_sync(release_free_memory)
 
     async def _watch_scheduler(self) -> None:
         """Judge the scheduler's own health every few seconds (not per round: a scheduler

@@ -53,6 +53,8 @@ class KindState:
 
     __slots__ = (
         "_acc",
+        "_change_at",
+        "_change_text",
         "_dkeys",
         "_dvals",
         "_error",
@@ -68,6 +70,7 @@ class KindState:
         "_rtt",
         "_rtt_sum",
         "_started",
+        "_view",
         "consecutive_failures",
         "failure_threshold",
         "failures",
@@ -111,6 +114,12 @@ class KindState:
         # _ring, and per name [count of values in the window, their sum] in _acc.
         self._dkeys: tuple[str, ...] = ()
         self._acc: array[float] | None = None
+        #: The JSON view (``as_dict``) cached by the ``StateStore`` until the next result.
+        self._view: dict[str, Any] | None = None
+        # ``last_change`` as text, formatted once per change rather than once per view (a
+        # state changes rarely; a string shared by the views saves one per series each).
+        self._change_at: float | None = None
+        self._change_text: str | None = None
 
     @property
     def last(self) -> ProbeResult | None:
@@ -263,7 +272,11 @@ class KindState:
         out["loss_pct"] = round(100.0 * self._lost / n, 2) if n else None
         out["samples"] = n
         out["consecutive_failures"] = self.consecutive_failures
-        out["last_change"] = rfc3339(self.last_change)
+        changed = self.last_change
+        if changed != self._change_at:
+            self._change_text = rfc3339(changed)
+            self._change_at = changed
+        out["last_change"] = self._change_text
         acc = self._acc
         if acc is not None:
             for i, key in enumerate(self._dkeys):
@@ -353,9 +366,10 @@ class StateStore:
         self.window = window
         #: Counts every result and state change for the metrics (O(1) per result).
         self.telemetry = telemetry if telemetry is not None else Telemetry()
+        # Each state caches its own JSON view (``KindState._view``): no second dict keyed
+        # by 20,000 more tuples at 5,000 peers.
         self._states: dict[tuple[tuple[str, str, str], str], KindState] = {}
         self._retired: dict[tuple[tuple[str, str, str], str], tuple[float, KindState]] = {}
-        self._cache: dict[tuple[tuple[str, str, str], str], dict[str, Any]] = {}
 
     def ensure(self, key: tuple[str, str, str], kind: str) -> KindState:
         """The state of ``key``/``kind``, created (or brought back from retirement) if needed."""
@@ -375,9 +389,9 @@ class StateStore:
         """Stop tracking ``key``/``kind`` but keep its history for a while."""
         k = (key, kind)
         st = self._states.pop(k, None)
-        self._cache.pop(k, None)
         if st is None:
             return
+        st._view = None
         self.telemetry.path_removed(key, kind, st.state)
         self._retired[k] = (time.monotonic(), st)
         if len(self._retired) > RETIRED_MAX:
@@ -394,7 +408,7 @@ class StateStore:
         self.telemetry.result(key, kind, result, old, st.state)
         # Render the JSON view now, while results trickle in, rather than all 10,000s of
         # them at once when the snapshot is built at the end of a round.
-        self._cache[(key, kind)] = st.as_dict()
+        st._view = st.as_dict()
         return st
 
     def get(self, key: tuple[str, str, str], kind: str) -> KindState | None:
@@ -402,11 +416,10 @@ class StateStore:
 
     def view(self, key: tuple[str, str, str], kind: str) -> dict[str, Any] | None:
         """The JSON form of one path/kind, cached until its next result."""
-        k = (key, kind)
-        cached = self._cache.get(k)
+        st = self._states.get((key, kind))
+        if st is None:
+            return None
+        cached = st._view
         if cached is None:
-            st = self._states.get(k)
-            if st is None:
-                return None
-            cached = self._cache[k] = st.as_dict()
+            cached = st._view = st.as_dict()
         return cached

@@ -169,15 +169,27 @@ class IncrementalRenderer:
         buf = bytearray(head)
         buf += b"["
         starts: list[int] = []
+        # Reused fragments that follow each other in ``previous`` (every node, between two
+        # rounds) are copied as one run: [run_from, run_to) of ``previous``, to go at ``at``.
+        run_from = run_to = at = -1
         with memoryview(previous) as prev:
             for node, entry in zip(nodes, reused):
+                if entry is not None and entry[field] == run_to + 1:  # after ours and a comma
+                    starts.append(at + entry[field] - run_from)
+                    run_to = entry[field + 1]
+                    continue
+                if run_to >= 0:
+                    buf += prev[run_from:run_to]
+                    run_from = run_to = -1
                 if starts:
                     buf += b","
                 starts.append(len(buf))
                 if entry is None:
                     _encoder.encode_into(node if convert is None else convert(node), buf, -1)
                 else:
-                    buf += prev[entry[field]:entry[field + 1]]
+                    run_from, run_to, at = entry[field], entry[field + 1], len(buf)
+            if run_to >= 0:
+                buf += prev[run_from:run_to]
         starts.append(len(buf) + 1)  # as if a comma followed the last fragment
         buf += b"]"
         buf += tail

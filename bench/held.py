@@ -5,7 +5,8 @@ http): the membership, a ``StateStore`` with every window full (WINDOW + 10 resu
 series, shaped like the real probes'), then runs ROUNDS rounds the way the agent does: one
 more result per series, ``build_snapshot``, the API's ``Rendered.build`` (``/v1/status`` and
 ``/v1beta/status`` encoded, in a worker thread) and the json output's encoding, keeping the
-latest snapshot and rendering as the agent and the API do. It prints RSS (psutil) at each
+latest snapshot and rendering as the agent and the API do, and (when the checkout has it)
+``release_free_memory`` after each round as the agent does. It prints RSS (psutil) at each
 step, the live Python objects after the last round, and the RSS after glibc's
 ``malloc_trim(0)`` (how much of it is free memory the allocator keeps). Nothing is probed,
 so unlike ``bench/agent.py`` the figure does not depend on how busy the machine is.
@@ -82,6 +83,10 @@ def main() -> int:
         tuned = False
     else:
         tuned = tune_allocator()
+    try:  # as the agent does after each round (a checkout without it: nothing)
+        from healthmesh.core.memory import release_free_memory
+    except ImportError:
+        release_free_memory = None
     proc = psutil.Process()
     out: dict[str, Any] = {
         "allocator_tuned": tuned,
@@ -132,6 +137,8 @@ def main() -> int:
         json_bytes = len(line)
         del line
         latest[:] = [snap, holder[0]]
+        if release_free_memory is not None:
+            release_free_memory()
         rounds.append(mb(proc))
         blocks.append(sys.getallocatedblocks())
     out["rss_rounds_mb"] = rounds

@@ -158,3 +158,30 @@ async def test_a_cooperative_build_lets_other_tasks_run_and_gives_the_same_snaps
     assert snap.data == build_snapshot(m, store, KINDS, probing, timestamp=1.0).data
     assert len(snap.data["nodes"]) == n + 1
     assert during >= 3  # the other task ran between chunks of rendered nodes
+
+
+def test_the_renderer_keeps_offsets_into_its_documents_not_copies() -> None:
+    from healthmesh.plugins.api.cilium import node_status
+    from healthmesh.plugins.api.views import encode
+
+    rng = random.Random(7)
+    local = Node("me", addresses=("10.0.0.1",))
+    m = Membership(local)
+    m.feed("static")
+    m.replace("static", [make_node(i, rng) for i in range(30)])
+    store = StateStore(3, 10)
+    track(m, store, KINDS)
+    builder, renderer = SnapshotBuilder(), IncrementalRenderer()
+    t = time.time()
+    for step in range(4):
+        # Every other node gets a result: reused and re-encoded nodes alternate.
+        for node in list(m.nodes())[step % 2::2]:
+            for path in m.paths_of(node, host=True, endpoint=True):
+                store.record(path.key, "icmp", result(rng, t + step))
+        got = renderer.build(builder.build(m, store, KINDS, ProbingSettings()).data)
+        assert 0 < renderer.encoded < 31 or step == 0
+        for node in got.data["nodes"]:
+            kept = renderer._frags[id(node)]
+            assert kept[0] is node and all(type(v) is int for v in kept[1:])
+            assert got.status[kept[1]:kept[2]] == encode(node)
+            assert got.beta[kept[3]:kept[4]] == encode(node_status(node))

@@ -31,6 +31,7 @@ from healthmesh.core.config import (
 )
 from healthmesh.core.events import Event, EventLog, Gap
 from healthmesh.core.hookspecs import hookimpl
+from healthmesh.core.jsonenc import encode_json, json_encoder
 from healthmesh.core.lazy import lazy_import
 from healthmesh.core.listen import format_listen, parse_listen
 from healthmesh.core.mesh import cell_state
@@ -79,10 +80,12 @@ __all__ = [
     "check_against_local",
     "check_ranges",
     "config_relative",
+    "encode_json",
     "format_duration",
     "format_listen",
     "header_line",
     "hookimpl",
+    "json_encoder",
     "kernel_receive_ns",
     "lazy_import",
     "parse_duration",

@@ -17,9 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
-import msgspec
 
-from healthmesh import AgentContext, Snapshot
+from healthmesh import AgentContext, Snapshot, json_encoder
 from healthmesh.plugins.api.cilium import node_status, status_response
 
 #: Before the first round completes, a live snapshot is rebuilt at most this often...
@@ -27,17 +26,7 @@ LIVE_TTL = 1.0
 #: ...and at most once per this many times the last build took.
 LIVE_COST_FACTOR = 10.0
 
-
-
-def _enc_hook(obj: Any) -> Any:
-    # Config types such as Name (a str) and Duration (a float) reach the snapshot.
-    for base in (str, float, int):
-        if isinstance(obj, base):
-            return base(obj)
-    raise TypeError(f"cannot encode {type(obj).__name__} as JSON")
-
-
-_encoder = msgspec.json.Encoder(enc_hook=_enc_hook)
+_encoder = json_encoder
 
 
 def encode(obj: Any) -> bytes:

@@ -7,23 +7,13 @@ standard library's encoder takes about half a second of event-loop time to write
 from __future__ import annotations
 
 import sys
-from typing import IO, Any
+from typing import IO
 
-import msgspec
 from anyio.abc import TaskStatus
 
-from healthmesh import ComponentSettings, Output, Snapshot, hookimpl
+from healthmesh import ComponentSettings, Output, Snapshot, hookimpl, json_encoder
 
-
-def _enc_hook(obj: Any) -> Any:
-    # Config types such as Name (a str) and Duration (a float) reach the snapshot.
-    for base in (str, float, int):
-        if isinstance(obj, base):
-            return base(obj)
-    raise TypeError(f"cannot encode {type(obj).__name__} as JSON")
-
-
-_encoder = msgspec.json.Encoder(enc_hook=_enc_hook)
+_encoder = json_encoder
 
 
 class JsonSettings(ComponentSettings):

@@ -15,9 +15,7 @@ from importlib import resources
 from typing import Any
 from urllib.parse import parse_qsl
 
-import msgspec
-
-from healthmesh import __version__
+from healthmesh import __version__, json_encoder
 from healthmesh.plugins.web.server import Request, Response
 from healthmesh.plugins.web.settings import WebSettings
 
@@ -47,15 +45,7 @@ ASSETS = {
 JSON = b"application/json"
 
 
-def _enc_hook(obj: Any) -> Any:
-    # Config types such as Name (a str) and Duration (a float) reach the snapshot.
-    for base in (str, float, int):
-        if isinstance(obj, base):
-            return base(obj)
-    raise TypeError(f"cannot encode {type(obj).__name__} as JSON")
-
-
-_encoder = msgspec.json.Encoder(enc_hook=_enc_hook)
+_encoder = json_encoder
 
 
 def encode(obj: Any) -> bytes:

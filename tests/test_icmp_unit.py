@@ -257,3 +257,25 @@ def test_the_icmp_kind_is_registered_through_its_entry_point() -> None:
         capture_output=True, text=True, timeout=30, cwd=ROOT,
     )
     assert proc.stdout.split() == ["icmp", "healthmesh.plugins.icmp.probe"], proc.stderr
+
+
+async def test_finished_requests_are_remembered_for_the_horizon_then_forgotten() -> None:
+    from healthmesh.plugins.icmp.ledger import MARK_EVERY
+
+    loop = asyncio.get_running_loop()
+    ledger = EchoLedger(horizon=30.0)
+    sent = []
+    for i in range(50):  # finished over 2.5 s, from t=100
+        burst = _burst(loop)
+        key, tag = _send(ledger, burst, seq=i)
+        ledger.retire(burst, 100.0 + i * 0.05)
+        sent.append((key, tag))
+    ledger.prune(100.0 + 30.0)  # the first is exactly one horizon old: all kept
+    assert len(ledger._recent) == 50
+    ledger.prune(100.0 + 30.0 + 1.0 + MARK_EVERY)  # those finished before t=101 are gone
+    assert 29 <= len(ledger._recent) <= 31
+    ledger.prune(200.0)
+    assert not ledger._recent and not ledger._recent_order and not ledger._marks
+    key, tag = sent[-1]
+    ledger.reply(key, tag, "127.0.0.1", 1_500_000_000, 200.0)  # too old to know: stray
+    assert (ledger.counters.late, ledger.counters.stray) == (0, 1)

@@ -161,7 +161,6 @@ async def test_a_cooperative_build_lets_other_tasks_run_and_gives_the_same_snaps
 
 
 def test_the_renderer_keeps_offsets_into_its_documents_not_copies() -> None:
-    from healthmesh.plugins.api.cilium import node_status
     from healthmesh.plugins.api.views import encode
 
     rng = random.Random(7)
@@ -184,4 +183,36 @@ def test_the_renderer_keeps_offsets_into_its_documents_not_copies() -> None:
             kept = renderer._frags[id(node)]
             assert kept[0] is node and all(type(v) is int for v in kept[1:])
             assert got.status[kept[1]:kept[2]] == encode(node)
-            assert got.beta[kept[3]:kept[4]] == encode(node_status(node))
+
+
+def test_the_cilium_document_is_encoded_on_first_request_only() -> None:
+    import anyio
+
+    from healthmesh.plugins.api.cilium import status_response
+    from healthmesh.plugins.api.views import encode
+
+    rng = random.Random(3)
+    local = Node("me", addresses=("10.0.0.1",))
+    m = Membership(local)
+    m.feed("static")
+    m.replace("static", [make_node(i, rng) for i in range(20)])
+    store = StateStore(3, 10)
+    track(m, store, KINDS)
+    data = SnapshotBuilder().build(m, store, KINDS, ProbingSettings()).data
+    got = IncrementalRenderer().build(data)
+    assert got._beta is None  # publishing encodes /v1/status only
+
+    async def two_first_requests() -> list[bytes]:
+        out: list[bytes] = []
+
+        async def ask() -> None:
+            out.append(await got.beta_async())
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(ask)
+            tg.start_soon(ask)
+        return out
+
+    first, second = anyio.run(two_first_requests)
+    assert first == encode(status_response(data))
+    assert first is second is got.beta  # encoded once, then kept with the snapshot

@@ -148,3 +148,30 @@ def test_a_detail_missing_from_some_results_is_averaged_over_those_that_had_it()
     view = st.as_dict()
     assert "connect_ms_avg" not in view and "ttfb_ms_avg" not in view
     assert st.last is not None and st.last.details == {}
+
+
+def test_views_share_their_rounded_floats_and_keep_signed_zeros() -> None:
+    from healthmesh.core import state as state_mod
+
+    a, b = KindState(3, 10), KindState(3, 10)
+    for st in (a, b):
+        for _ in range(3):
+            st.record(ProbeResult(True, 0.000123, None, {"connect_ms": 0.05}, 1.0, 1.0))
+    va, vb = a.as_dict(), b.as_dict()
+    assert va == vb
+    # Equal values are one object: two generations of views cost one set of floats.
+    assert all(va[k] is vb[k] for k in ("rtt_ms", "min_ms", "p95_ms", "loss_pct",
+                                        "connect_ms_avg", "connect_ms"))
+    zero = state_mod._shared(0.0)
+    neg = state_mod._shared(-0.0)
+    assert str(zero) == "0.0" and str(neg) == "-0.0"
+    nan = float("nan")
+    assert state_mod._shared(nan) is nan and nan not in state_mod._FLOATS
+    before = state_mod._FLOATS_MAX
+    try:
+        state_mod._FLOATS_MAX = 4
+        for i in range(10):
+            state_mod._shared(1000.0 + i)
+        assert len(state_mod._FLOATS) <= 4  # bounded, whatever the values
+    finally:
+        state_mod._FLOATS_MAX = before

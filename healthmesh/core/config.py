@@ -281,7 +281,6 @@ class Config:
     path: str
     core: CoreSettings
     components: dict[str, Any] = field(default_factory=dict)  # section -> settings
-    raw: dict[str, Any] = field(default_factory=dict)
     #: ``[checks.<name>]`` sections: name -> the check kind's validated settings.
     checks: dict[str, Any] = field(default_factory=dict)
 

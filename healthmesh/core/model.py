@@ -35,9 +35,13 @@ class Node:
     #: in the snapshot as the node's ``info``; they do not affect probing.
     info: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
-    @property
+    @functools.cached_property
     def id(self) -> str:
-        """The cluster-qualified identity used as the node's key: ``cluster/name``."""
+        """The cluster-qualified identity used as the node's key: ``cluster/name``.
+
+        Made once per node: the id is the key of several maps and every path's ``node_id``,
+        and one string object shared by all of them is 5 fewer per node at 5,000 peers.
+        """
         return f"{self.cluster}/{self.name}"
 
     @property

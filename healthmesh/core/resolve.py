@@ -24,7 +24,9 @@ _LABELS = {"probes": "probe kind", "sources": "peer source", "outputs": "output"
 def resolve(raw: RawConfig, registry: PluginRegistry, *, need_peers: bool = True) -> Config:
     """Validate every plugin section; return the config with the enabled components' settings."""
     _check_unknown_sections(raw, registry)
-    config = Config(path=raw.path, core=raw.core, raw=raw.data)
+    # The parsed TOML is not kept: at 5,000 peers it is megabytes that nothing reads once
+    # every section is converted (docs/benchmarks.md, "Memory census").
+    config = Config(path=raw.path, core=raw.core)
     for section, reg in sorted(registry.components.items()):
         data = raw.section(section)
         if data is None and not reg.cls.default_enabled:

@@ -26,7 +26,6 @@ least ``MIN_ROUND_GAP`` apart, and at most ``MAX_OPEN_ROUNDS`` rounds wait for r
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import math
 import random
@@ -34,7 +33,7 @@ import time
 from array import array
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
@@ -66,9 +65,13 @@ LAG_SAMPLES = 8192
 LATE_AFTER = 0.1
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Slot:
-    """One path probed by one kind."""
+    """One path probed by one kind.
+
+    Slotted, with its key made once: an agent keeps 20,000 of these at 5,000 peers, and
+    the key tuple is shared with the scheduler's and the state store's dicts.
+    """
 
     path: Path
     kind: str
@@ -79,20 +82,27 @@ class Slot:
     scheduled: int = 0  # scheduled probes in flight (rounds, prompt walks, probe_all)
     reprobes: int = 0  # confirmation re-probes in flight
     confirm_left: int = 0  # re-probes the running confirmation may still start
+    #: ``(path.key, kind)``; the path may be replaced by an equal-keyed one, never re-keyed.
+    key: SlotKey = None  # type: ignore[assignment]
 
-    @functools.cached_property
-    def key(self) -> SlotKey:
-        return (self.path.key, self.kind)
+    def __post_init__(self) -> None:
+        if self.key is None:
+            self.key = (self.path.key, self.kind)
 
 
 @dataclass
 class RoundInfo:
-    """Accounting of one round: which slots it still waits for, and when it started."""
+    """Accounting of one round: how many of its slots it still waits for, and when it started.
+
+    A count, not a set of slot keys (20,000 keys at 5,000 peers, one set per open round):
+    each slot a round lists is accounted for exactly once, when its probe settles, when the
+    walk passes it removed, or when it is skipped as still busy.
+    """
 
     number: int
     started: float  # monotonic
     started_wall: float
-    pending: set[SlotKey] = field(default_factory=set)
+    pending: int = 0
     launched_all: bool = False
     finished: float | None = None
 
@@ -175,16 +185,14 @@ class Scheduler:
                 slot = self.slots.pop(key)
                 slot.removed = True
                 self.store.retire(*key)
-                for rnd in self.rounds:
-                    rnd.pending.discard(key)
         added: list[Slot] = []
         self._sorted = None
         for key, path in wanted.items():
             slot = self.slots.get(key)
             if slot is None:
-                slot = Slot(path, key[1], order=self._order(key))
+                slot = Slot(path, key[1], order=self._order(key), key=key)
                 self.slots[key] = slot
-                self.store.ensure(*key)
+                self.store.ensure_slot(key)
                 added.append(slot)
             elif slot.path != path:  # primary flag or interval changed
                 slot.path = path
@@ -232,7 +240,7 @@ class Scheduler:
                     for s in self._ordered()
                     if number == 0 or s.every == 1 or (number + s.order) % s.every == 0
                 ]
-                rnd = RoundInfo(number, start, time.time(), {s.key for s in order})
+                rnd = RoundInfo(number, start, time.time(), len(order))
                 self.rounds.append(rnd)
                 if order:
                     spacing = interval / len(order)
@@ -273,41 +281,59 @@ class Scheduler:
         after another, because connections started together measure each other's
         queueing). Other kinds keep a start of their own.
         """
-        jitter = self.probing.jitter
-        dues = [
-            start + (i + (random.uniform(-jitter, jitter) if i else 0.0)) * spacing
-            for i in range(len(order))
-        ]
-        merged = [(d, s) for d, s in zip(dues, order) if self.probes[s.kind].batched]
-        single = [(d, s) for d, s in zip(dues, order) if not self.probes[s.kind].batched]
+        batched = {kind: probe.batched for kind, probe in self.probes.items()}
+        kinds = {s.kind for s in order}
         # Merge starts only when they are closer together than a tick: at a few probes a
         # second every probe keeps its own evenly spaced start.
         tick = self.probing.tick if spacing < self.probing.tick else 0.0
-        if merged and single:
+        if all(batched.get(k, False) for k in kinds):
+            await self._walk_due(order, None, start, spacing, tick, rnd)
+        elif not any(batched.get(k, False) for k in kinds):
+            await self._walk_due(order, None, start, spacing, 0.0, rnd)
+        else:  # both: each part keeps its place (its due time) in the whole order
+            merged = [i for i, s in enumerate(order) if batched.get(s.kind, False)]
+            single = [i for i, s in enumerate(order) if not batched.get(s.kind, False)]
             async with anyio.create_task_group() as tg:
-                tg.start_soon(self._walk_due, merged, tick, rnd)
-                tg.start_soon(self._walk_due, single, 0.0, rnd)
-        elif merged or single:
-            await self._walk_due(merged or single, tick if merged else 0.0, rnd)
+                tg.start_soon(self._walk_due, order, merged, start, spacing, tick, rnd)
+                tg.start_soon(self._walk_due, order, single, start, spacing, 0.0, rnd)
 
     async def _walk_due(
-        self, due_slots: list[tuple[float, Slot]], tick: float, rnd: RoundInfo | None
+        self, order: list[Slot], positions: list[int] | None, start: float, spacing: float,
+        tick: float, rnd: RoundInfo | None,
     ) -> None:
-        n = len(due_slots)
-        i = 0
-        while i < n:
-            due = due_slots[i][0]
+        """Start the slots of ``order`` at ``positions`` (all when None), each when due.
+
+        The slot at position ``i`` is due at ``start + (i ± jitter) × spacing``, drawn as the
+        walk reaches it: no list of 20,000 due times held for the whole round.
+        """
+        jitter = self.probing.jitter
+        uniform = random.uniform
+        n = len(order) if positions is None else len(positions)
+
+        def due_of(j: int) -> float:
+            i = j if positions is None else positions[j]
+            return start + (i + (uniform(-jitter, jitter) if i else 0.0)) * spacing
+
+        j = 0
+        nxt = due_of(0) if n else 0.0
+        while j < n:
+            due = nxt
             await _sleep_until(due)
             now = anyio.current_time()
             self.store.telemetry.started_late(now - due)
             horizon = max(now, due) + tick
             batch: list[Slot] = []
-            while i < n and due_slots[i][0] < horizon:
-                if not due_slots[i][1].removed:
-                    batch.append(due_slots[i][1])
+            while j < n and nxt < horizon:
+                slot = order[j if positions is None else positions[j]]
+                if not slot.removed:
+                    batch.append(slot)
                     if rnd is not None:
-                        self._note_lag(now - due_slots[i][0])
-                i += 1
+                        self._note_lag(now - nxt)
+                elif rnd is not None:
+                    rnd.pending -= 1  # removed since the round began: nothing to wait for
+                j += 1
+                if j < n:
+                    nxt = due_of(j)
             self._launch_batch(batch, rnd)
 
     async def _prompt_loop(self) -> None:
@@ -331,7 +357,7 @@ class Scheduler:
             if slot.scheduled >= MAX_SCHEDULED:
                 self.skipped += 1
                 if rnd is not None:
-                    rnd.pending.discard(slot.key)
+                    rnd.pending -= 1
                 continue
             slot.scheduled += 1
             self._inflight[slot.key] = self._inflight.get(slot.key, 0) + 1
@@ -376,7 +402,7 @@ class Scheduler:
         finally:
             self._done(slot.key)
             if rnd is not None:
-                rnd.pending.discard(slot.key)
+                rnd.pending -= 1
                 self._check_rounds()
 
     def _confirm_room(self) -> bool:

@@ -53,6 +53,7 @@ class KindState:
 
     __slots__ = (
         "_acc",
+        "_avg_keys",
         "_change_at",
         "_change_text",
         "_dkeys",
@@ -113,6 +114,7 @@ class KindState:
         # Float details: their names (shared tuple), a ring each after the RTT ring in
         # _ring, and per name [count of values in the window, their sum] in _acc.
         self._dkeys: tuple[str, ...] = ()
+        self._avg_keys: tuple[str, ...] = ()  # ``<name>_avg`` of each, shared the same way
         self._acc: array[float] | None = None
         #: The JSON view (``as_dict``) cached by the ``StateStore`` until the next result.
         self._view: dict[str, Any] | None = None
@@ -243,6 +245,7 @@ class KindState:
 
     def _add_detail(self, key: str) -> None:
         self._dkeys = _names((*self._dkeys, key))
+        self._avg_keys = _names(tuple(name + "_avg" for name in self._dkeys))
         # Concatenated into new arrays of the exact size (extend() would over-allocate).
         self._ring = self._ring + _nan_ring(self.window)
         self._acc = array("d", bytes(16)) if self._acc is None else self._acc + _ZEROS
@@ -262,14 +265,14 @@ class KindState:
             # Losses (+inf) sort last and RTT-less successes (-inf) first.
             ordered = sorted(self._ring[:n])
             rtts = ordered[self._no_rtt:self._no_rtt + k]
-            out["min_ms"] = round(rtts[0] * 1000.0, 3)
-            out["avg_ms"] = round(max(self._rtt_sum, 0.0) / k * 1000.0, 3)
-            out["max_ms"] = round(rtts[-1] * 1000.0, 3)
-            out["p50_ms"] = round(_quantile(rtts, 0.5) * 1000.0, 3)
-            out["p95_ms"] = round(_quantile(rtts, 0.95) * 1000.0, 3)
+            out["min_ms"] = _shared(round(rtts[0] * 1000.0, 3))
+            out["avg_ms"] = _shared(round(max(self._rtt_sum, 0.0) / k * 1000.0, 3))
+            out["max_ms"] = _shared(round(rtts[-1] * 1000.0, 3))
+            out["p50_ms"] = _shared(round(_quantile(rtts, 0.5) * 1000.0, 3))
+            out["p95_ms"] = _shared(round(_quantile(rtts, 0.95) * 1000.0, 3))
         else:
             out["min_ms"] = out["avg_ms"] = out["max_ms"] = out["p50_ms"] = out["p95_ms"] = None
-        out["loss_pct"] = round(100.0 * self._lost / n, 2) if n else None
+        out["loss_pct"] = _shared(round(100.0 * self._lost / n, 2)) if n else None
         out["samples"] = n
         out["consecutive_failures"] = self.consecutive_failures
         changed = self.last_change
@@ -279,10 +282,10 @@ class KindState:
         out["last_change"] = self._change_text
         acc = self._acc
         if acc is not None:
-            for i, key in enumerate(self._dkeys):
+            for i, key in enumerate(self._avg_keys):  # names made once, not per view
                 count = acc[2 * i]
                 if count > 0:
-                    out[key + "_avg"] = round(acc[2 * i + 1] / count, 3)
+                    out[key] = _shared(round(acc[2 * i + 1] / count, 3))
 
     def as_dict(self) -> dict[str, Any]:
         """The JSON form of a per-kind probe entry (docs/snapshot.schema.json)."""
@@ -292,14 +295,37 @@ class KindState:
         else:
             ok = self._ok
             rtt = self._rtt
-            out["rtt_ms"] = round(rtt * 1000.0, 3) if ok and rtt is not None else None
+            out["rtt_ms"] = _shared(round(rtt * 1000.0, 3)) if ok and rtt is not None else None
             out["error"] = None if ok else self._error
             out["last_probed"] = rfc3339(self._started)
         self._fill_stats(out)
         for key, value in zip(self._keys, self._dvals):
             if key not in out:
-                out[key] = round(value, 3) if type(value) is float else value
+                out[key] = _shared(round(value, 3)) if type(value) is float else value
         return out
+
+
+#: Rounded values of the views, one float object per distinct value (bounded; emptied when
+#: full). The views of 20,000 series hold about 11 floats each, in two generations while a
+#: snapshot holds the previous views; rounded to the microsecond, RTTs and losses take a few
+#: thousand distinct values, so most views share their floats (docs/benchmarks.md).
+_FLOATS: dict[float, float] = {}
+_FLOATS_MAX = 16384
+
+
+def _shared(value: float) -> float:
+    """``value``, as the float object already made for an equal value when there is one."""
+    got = _FLOATS.get(value)
+    if got is None:
+        if value != value:  # NaN: equal to nothing, never found again
+            return value
+        if len(_FLOATS) >= _FLOATS_MAX:
+            _FLOATS.clear()
+        _FLOATS[value] = value
+        return value
+    if got == 0.0 and math.copysign(1.0, got) != math.copysign(1.0, value):
+        return value  # -0.0 == 0.0, but they are written differently
+    return got
 
 
 #: Detail-name tuples, one object per distinct tuple (every path of a kind shares one).
@@ -373,7 +399,14 @@ class StateStore:
 
     def ensure(self, key: tuple[str, str, str], kind: str) -> KindState:
         """The state of ``key``/``kind``, created (or brought back from retirement) if needed."""
-        k = (key, kind)
+        return self.ensure_slot((key, kind))
+
+    def ensure_slot(self, k: tuple[tuple[str, str, str], str]) -> KindState:
+        """``ensure`` by the ``(key, kind)`` tuple itself, kept as the store's own key.
+
+        The scheduler passes its slot's key: one tuple per series, not one per dict.
+        """
+        key, kind = k
         st = self._states.get(k)
         if st is None:
             retired = self._retired.pop(k, None)

@@ -200,10 +200,10 @@ class ApiApp:
         return Answer(200, encode(health_response(self.context.started_at)))
 
     async def beta_status(self, request: Request) -> Answer:
-        return Answer(200, (await self.views.latest()).beta)
+        return Answer(200, await (await self.views.latest()).beta_async())
 
     async def beta_probe(self, request: Request) -> Answer:
-        return Answer(200, (await self.runner.probe()).beta)
+        return Answer(200, await (await self.runner.probe()).beta_async())
 
     # -- /v1: healthmesh's own -------------------------------------------------------------
 

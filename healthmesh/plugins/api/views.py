@@ -19,7 +19,7 @@ from typing import Any
 import anyio
 
 from healthmesh import AgentContext, Snapshot, json_encoder
-from healthmesh.plugins.api.cilium import node_status, status_response
+from healthmesh.plugins.api.cilium import status_response
 
 #: Before the first round completes, a live snapshot is rebuilt at most this often...
 LIVE_TTL = 1.0
@@ -50,18 +50,44 @@ def node_summary(node: dict[str, Any]) -> dict[str, Any]:
 
 @dataclass
 class Rendered:
-    """One snapshot and its encoded answers for ``/v1/status`` and ``/v1beta/status``."""
+    """One snapshot and its encoded answers for ``/v1/status`` and ``/v1beta/status``.
+
+    ``/v1/status`` is encoded when the snapshot is published; Cilium's ``/v1beta/status``
+    on its first request (``beta_async``), then kept with the snapshot: an agent nobody
+    asks through Cilium's API holds no second document (3.2 MB at 5,000 peers) and spends
+    no time encoding one every round.
+    """
 
     data: dict[str, Any]
     status: bytes
-    beta: bytes
+    _beta: bytes | None = None
     built: float = field(default_factory=time.monotonic)
     _index: dict[tuple[str, str], dict[str, Any]] | None = None
+    _beta_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @classmethod
     def build(cls, data: dict[str, Any]) -> Rendered:
-        """Encode both documents (CPU-bound: run it in a worker thread)."""
-        return cls(data, encode(data), encode(status_response(data)))
+        """Encode ``/v1/status`` (CPU-bound: run it in a worker thread)."""
+        return cls(data, encode(data))
+
+    @property
+    def beta(self) -> bytes:
+        """The ``/v1beta/status`` document, encoded on first use (CPU-bound at thousands of
+        nodes: from the event loop, use ``beta_async``)."""
+        got = self._beta
+        if got is None:
+            with self._beta_lock:  # two first requests at once encode it once
+                if self._beta is None:
+                    self._beta = encode(status_response(self.data))
+                got = self._beta
+        return got
+
+    async def beta_async(self) -> bytes:
+        """``beta``, encoded in a worker thread when not yet done."""
+        got = self._beta
+        if got is None:
+            got = await anyio.to_thread.run_sync(lambda: self.beta)
+        return got
 
     def node(self, cluster: str, name: str) -> dict[str, Any] | None:
         """The snapshot entry of one node, or None."""
@@ -82,25 +108,23 @@ class Rendered:
 
 
 class IncrementalRenderer:
-    """Encodes snapshots for ``Rendered``, each node's two fragments once per node entry.
+    """Encodes snapshots for ``Rendered``, each node's ``/v1/status`` fragment once per entry.
 
     A node entry (a dict of the snapshot's ``nodes``) that is the same object as in the
-    previous snapshot has the same JSON: its ``/v1/status`` and ``/v1beta/status`` fragments
-    are copied from the previous documents, and the documents are the encoded rest with the
-    fragments spliced in where a placeholder list stood. The bytes are those of encoding the
-    whole documents.
+    previous snapshot has the same JSON: its fragment is copied from the previous document,
+    and the document is the encoded rest with the fragments spliced in where a placeholder
+    list stood. The bytes are those of encoding the whole document.
 
-    Memory: of each node only its offsets in the previous documents are kept (not a copy of
-    its fragments: that was 2 KB per node, as much again as the documents), and a document
+    Memory: of each node only its offsets in the previous document are kept (not a copy of
+    its fragment: that was 1.5 KB per node, as much again as the document), and the document
     is written into one growing buffer, changed nodes encoded straight into it, so a round
     leaves no thousands of freed fragment-sized blocks in the allocator's heap.
     """
 
     def __init__(self) -> None:
-        #: id(node entry) -> (the entry, start and end in ``_status``, in ``_beta``).
-        self._frags: dict[int, tuple[dict[str, Any], int, int, int, int]] = {}
+        #: id(node entry) -> (the entry, its start and end in ``_status``).
+        self._frags: dict[int, tuple[dict[str, Any], int, int]] = {}
         self._status = b""
-        self._beta = b""
         self._lock = threading.Lock()  # publishes may overlap, each in a worker thread
         # A placeholder no snapshot contains: the only occurrence of its encoding is ours.
         self._mark = f"\x00healthmesh-nodes-{os.urandom(8).hex()}"
@@ -114,7 +138,7 @@ class IncrementalRenderer:
             nodes = data["nodes"]
             old = self._frags
             # Each node: its previous entry when unchanged (the same dict), else None.
-            reused: list[tuple[dict[str, Any], int, int, int, int] | None] = []
+            reused: list[tuple[dict[str, Any], int, int] | None] = []
             encoded = 0
             for node in nodes:
                 entry = old.get(id(node))
@@ -122,35 +146,26 @@ class IncrementalRenderer:
                     entry = None
                     encoded += 1
                 reused.append(entry)
-            status = self._splice({**data, "nodes": [self._mark]}, nodes, reused, self._status,
-                                  1, None)
-            beta = self._splice(
-                status_response({**data, "nodes": []}) | {"nodes": [self._mark]},
-                nodes, reused, self._beta, 3, node_status,
-            )
-            if status is None or beta is None:  # cannot happen; whole documents then
-                self._frags, self._status, self._beta = {}, b"", b""
+            status = self._splice({**data, "nodes": [self._mark]}, nodes, reused, self._status)
+            if status is None:  # cannot happen; the whole document then
+                self._frags, self._status = {}, b""
                 return Rendered.build(data)
-            (status, s_at), (beta, b_at) = status, beta
+            status, at = status
             # Holding the node dicts keeps their ids from being reused by other objects.
-            self._frags = {
-                id(node): (node, s_at[i], s_at[i + 1] - 1, b_at[i], b_at[i + 1] - 1)
-                for i, node in enumerate(nodes)
-            }
-            self._status, self._beta = status, beta
+            self._frags = {id(node): (node, at[i], at[i + 1] - 1) for i, node in enumerate(nodes)}
+            self._status = status
             self.encoded = encoded
-            return Rendered(data, status, beta)
+            return Rendered(data, status)
 
     def _splice(
         self, doc: dict[str, Any], nodes: list[dict[str, Any]],
-        reused: list[tuple[dict[str, Any], int, int, int, int] | None], previous: bytes,
-        field: int, convert: Any,
+        reused: list[tuple[dict[str, Any], int, int] | None], previous: bytes,
     ) -> tuple[bytes, list[int]] | None:
         """The document with the nodes' fragments in place of the placeholder list, and
         where each fragment starts (one more entry: the end of the last, plus one).
 
-        A node's fragment is ``previous[entry[field]:entry[field + 1]]`` when reused, else
-        the encoding of the node (through ``convert`` when given).
+        A node's fragment is ``previous[entry[1]:entry[2]]`` when reused, else the node's
+        encoding.
         """
         head, sep, tail = encode(doc).partition(self._mark_list)
         if not sep or self._mark_list in tail:
@@ -163,9 +178,9 @@ class IncrementalRenderer:
         run_from = run_to = at = -1
         with memoryview(previous) as prev:
             for node, entry in zip(nodes, reused):
-                if entry is not None and entry[field] == run_to + 1:  # after ours and a comma
-                    starts.append(at + entry[field] - run_from)
-                    run_to = entry[field + 1]
+                if entry is not None and entry[1] == run_to + 1:  # after ours and a comma
+                    starts.append(at + entry[1] - run_from)
+                    run_to = entry[2]
                     continue
                 if run_to >= 0:
                     buf += prev[run_from:run_to]
@@ -174,9 +189,9 @@ class IncrementalRenderer:
                     buf += b","
                 starts.append(len(buf))
                 if entry is None:
-                    _encoder.encode_into(node if convert is None else convert(node), buf, -1)
+                    _encoder.encode_into(node, buf, -1)
                 else:
-                    run_from, run_to, at = entry[field], entry[field + 1], len(buf)
+                    run_from, run_to, at = entry[1], entry[2], len(buf)
             if run_to >= 0:
                 buf += prev[run_from:run_to]
         starts.append(len(buf) + 1)  # as if a comma followed the last fragment

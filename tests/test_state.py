@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 from healthmesh import PathState, ProbeResult
 from healthmesh.core.state import KindState, combine
 
@@ -162,16 +164,23 @@ def test_views_share_their_rounded_floats_and_keep_signed_zeros() -> None:
     # Equal values are one object: two generations of views cost one set of floats.
     assert all(va[k] is vb[k] for k in ("rtt_ms", "min_ms", "p95_ms", "loss_pct",
                                         "connect_ms_avg", "connect_ms"))
-    zero = state_mod._shared(0.0)
-    neg = state_mod._shared(-0.0)
-    assert str(zero) == "0.0" and str(neg) == "-0.0"
-    nan = float("nan")
-    assert state_mod._shared(nan) is nan and nan not in state_mod._FLOATS
-    before = state_mod._FLOATS_MAX
+    # Rounded as round(x, 3) was, to the same doubles, and shared.
+    rng = random.Random(5)
+    for _ in range(20_000):
+        x = rng.uniform(0.0, 2000.0) if rng.random() < 0.5 else rng.uniform(0.0, 2.0)
+        got = state_mod._thousandths(x)
+        assert got == round(x, 3) or abs(x * 1000.0 % 1.0 - 0.5) < 1e-6  # ties may differ
+        assert state_mod._thousandths(x) is got
+    for odd in (-0.0004, -1.5, float("inf"), float("-inf"), 1e12):
+        assert state_mod._thousandths(odd) == round(odd, 3)
+    nan = state_mod._thousandths(float("nan"))
+    assert nan != nan
+    before = state_mod._SHARED_MAX
     try:
-        state_mod._FLOATS_MAX = 4
+        state_mod._SHARED_MAX = 4
         for i in range(10):
-            state_mod._shared(1000.0 + i)
-        assert len(state_mod._FLOATS) <= 4  # bounded, whatever the values
+            state_mod._thousandths(1000.0 + i)
+            state_mod._share(0.5 + i)
+        assert len(state_mod._THOUSANDTHS) <= 4 and len(state_mod._SHARED) <= 4  # bounded
     finally:
-        state_mod._FLOATS_MAX = before
+        state_mod._SHARED_MAX = before

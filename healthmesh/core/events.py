@@ -309,7 +309,10 @@ class StateEvents:
         self, path: Path, kind: str, old: PathState, new: PathState, result: ProbeResult
     ) -> None:
         node = self._known.get(path.node_id)
-        cluster, _, name = path.node_id.partition("/")
+        if node is not None:  # the node's own strings: the ring holds thousands of events
+            cluster, name = node.cluster, node.name
+        else:
+            cluster, _, name = path.node_id.partition("/")
         if result.ok:
             reason = "recovered" if old is PathState.UNREACHABLE else "first probe succeeded"
         else:

@@ -6,7 +6,9 @@ Builds a membership of PEERS peers (a node and a health-endpoint address each, i
   * a snapshot after a round (every node changed) and right after another (nothing changed);
   * a round's results plus the snapshot after it: comparable across checkouts that render
     the views at different times (when recorded, or when the snapshot reads them);
-  * the API's two documents for each (``/v1/status``, ``/v1beta/status``);
+  * the API's documents for each: ``/v1/status`` (and ``/v1beta/status`` in checkouts that
+    encode it with the snapshot), then, where it is encoded on first request instead,
+    that first request's encoding (``api_beta_first_request_ms``);
   * the json output's encoding of a snapshot;
   * a full cyclic garbage collection over that state, before and after ``gc.freeze()``.
 Runs against another checkout with ``PYTHONPATH=<checkout>`` (main has no incremental
@@ -134,6 +136,9 @@ def main() -> int:
     res["api_changed_ms"] = best(args.repeat, lambda: render(holder["data"]),
                                  lambda: (one_round(), holder.update(data=snap().data)))
     res["api_unchanged_ms"] = best(args.repeat, lambda: render(snap().data), fresh)
+    if "_beta" in getattr(views_mod.Rendered, "__dataclass_fields__", {}):
+        res["api_beta_first_request_ms"] = best(
+            args.repeat, lambda: views_mod.Rendered(holder["data"], b"").beta)
     res["json_output_ms"] = best(args.repeat, lambda: encode_json(holder["data"]))
     res["gc_full_ms"] = best(args.repeat, gc.collect)
     res["gc_tracked"] = len(gc.get_objects())

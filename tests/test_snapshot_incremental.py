@@ -37,6 +37,16 @@ def track(m: Membership, store: StateStore, kinds: list[str]) -> None:
                 store.ensure(path.key, kind)
 
 
+def small_mesh(rng: random.Random, peers: int) -> tuple[Membership, StateStore]:
+    """A membership of ``peers`` random nodes and the local one, every path tracked."""
+    m = Membership(Node("me", addresses=("10.0.0.1",)))
+    m.feed("static")
+    m.replace("static", [make_node(i, rng) for i in range(peers)])
+    store = StateStore(3, 10)
+    track(m, store, KINDS)
+    return m, store
+
+
 def result(rng: random.Random, t: float) -> ProbeResult:
     if rng.random() < 0.3:
         return ProbeResult(False, None, rng.choice(["timeout after 1s", "refused"]),
@@ -164,12 +174,7 @@ def test_the_renderer_keeps_offsets_into_its_documents_not_copies() -> None:
     from healthmesh.plugins.api.views import encode
 
     rng = random.Random(7)
-    local = Node("me", addresses=("10.0.0.1",))
-    m = Membership(local)
-    m.feed("static")
-    m.replace("static", [make_node(i, rng) for i in range(30)])
-    store = StateStore(3, 10)
-    track(m, store, KINDS)
+    m, store = small_mesh(rng, 30)
     builder, renderer = SnapshotBuilder(), IncrementalRenderer()
     t = time.time()
     for step in range(4):
@@ -191,13 +196,7 @@ def test_the_cilium_document_is_encoded_on_first_request_only() -> None:
     from healthmesh.plugins.api.cilium import status_response
     from healthmesh.plugins.api.views import encode
 
-    rng = random.Random(3)
-    local = Node("me", addresses=("10.0.0.1",))
-    m = Membership(local)
-    m.feed("static")
-    m.replace("static", [make_node(i, rng) for i in range(20)])
-    store = StateStore(3, 10)
-    track(m, store, KINDS)
+    m, store = small_mesh(random.Random(3), 20)
     data = SnapshotBuilder().build(m, store, KINDS, ProbingSettings()).data
     got = IncrementalRenderer().build(data)
     assert got._beta is None  # publishing encodes /v1/status only

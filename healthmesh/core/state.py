@@ -272,7 +272,7 @@ class KindState:
             out["p95_ms"] = _ms(_quantile(rtts, 0.95))
         else:
             out["min_ms"] = out["avg_ms"] = out["max_ms"] = out["p50_ms"] = out["p95_ms"] = None
-        out["loss_pct"] = _share(round(100.0 * self._lost / n, 2)) if n else None
+        out["loss_pct"] = _thousandths(round(100.0 * self._lost / n, 2)) if n else None
         out["samples"] = n
         out["consecutive_failures"] = self.consecutive_failures
         changed = self.last_change
@@ -311,7 +311,6 @@ class KindState:
 #: thousand distinct values, so most views share their floats (docs/benchmarks.md). Keyed
 #: by the value in thousandths as an int, which is also quicker than ``round(x, 3)``.
 _THOUSANDTHS: dict[int, float] = {}
-_SHARED: dict[float, float] = {}
 _SHARED_MAX = 16384
 
 
@@ -332,13 +331,6 @@ def _thousandths(value: float) -> float:
 def _ms(seconds: float) -> float:
     """Seconds in milliseconds to the microsecond, shared (``_thousandths``)."""
     return _thousandths(seconds * 1000.0)
-
-
-def _share(value: float) -> float:
-    """``value`` as the float object already made for an equal value, if any."""
-    if len(_SHARED) >= _SHARED_MAX:
-        _SHARED.clear()
-    return _SHARED.setdefault(value, value)
 
 
 #: Detail-name tuples, one object per distinct tuple (every path of a kind shares one).
